@@ -1,0 +1,126 @@
+"""Whole-trajectory benchmarks: steps/s of the sampler, and the speed-up over diffusers' own loop.
+
+Run: ``pytest bench/ --benchmark-only`` (add ``--benchmark-json out.json`` to keep the numbers).
+Every ratio in ``extra_info`` is measured against a baseline timed in the same test.
+"""
+
+import pytest
+import torch
+
+from _timing import median_seconds, sync
+from ddim_fast import FusedSampler, NoiseSchedule
+
+SHAPE = (64, 3, 32, 32)
+
+
+class PointwiseModel(torch.nn.Module):
+    """A model that costs almost nothing (a 1x1 conv), so the loop's own cost shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x, t):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_trajectory_cheap_model(benchmark, backend, eta):
+    """S = 50 on a 64x3x32x32 batch with a near-free model: the loop's overhead and the steps' cost."""
+    model = PointwiseModel().eval()
+    sampler = FusedSampler(model, NoiseSchedule.linear(1000), steps=50, eta=eta, backend=backend, precision="fp32")
+    x_T = torch.randn(SHAPE)
+    benchmark.group = f"trajectory S=50 eta={eta}"
+    benchmark.pedantic(lambda: sampler.sample(x_T, seed=0), rounds=5, warmup_rounds=1)
+    if benchmark.stats is not None:
+        benchmark.extra_info["steps_per_s"] = 50 / benchmark.stats.stats.median
+        benchmark.extra_info["backend"] = sampler._plan("sample", 1, torch.device("cpu"), 0, 0, None).backend
+
+
+def _small_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(64, 96, 128, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def _diffusers_loop(unet, scheduler, x_T):
+    x = x_T.clone()
+    with torch.inference_mode():
+        for t in scheduler.timesteps:
+            eps = unet(x, t).sample
+            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+    return x
+
+
+def test_unet_trajectory_vs_diffusers(benchmark):
+    """Issue 5's target: FusedSampler defaults vs a plain diffusers DDIMScheduler loop in fp32.
+
+    diffusers UNet2DModel (~4M parameters), 8 x 3 x 32 x 32, S = 50, on this machine's CPU.
+    """
+    from diffusers import DDIMScheduler
+
+    unet = _small_unet()
+    n_params = sum(p.numel() for p in unet.parameters())
+    S, B = 50, 8
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="leading",
+                              steps_offset=0, set_alpha_to_one=True, clip_sample=False)
+    scheduler.set_timesteps(S)
+    x_T = torch.randn(B, 3, 32, 32)
+    fast = FusedSampler(unet, NoiseSchedule.from_betas(scheduler.betas), steps=S)
+    exact = FusedSampler(unet, NoiseSchedule.from_betas(scheduler.betas), steps=S, precision="fp32")
+    benchmark.group = "unet S=50 B=8"
+    benchmark.pedantic(lambda: fast.sample(x_T), rounds=2, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: the body ran once, nothing to compare
+        return
+    t_fast = benchmark.stats.stats.median
+    t_diffusers = median_seconds(lambda: _diffusers_loop(unet, scheduler, x_T), repeat=2, warmup=1)
+    t_fp32 = median_seconds(lambda: exact.sample(x_T), repeat=2, warmup=1)
+    with torch.inference_mode():
+        t_model = median_seconds(lambda: unet(x_T, torch.full((B,), 500)), repeat=10, warmup=2)
+    ref = exact.sample(x_T)
+    err_fast = (fast.sample(x_T) - ref).abs().max().item()
+    err_diffusers = (_diffusers_loop(unet, scheduler, x_T) - ref).abs().max().item()
+    benchmark.extra_info.update(
+        {
+            "unet_params_M": round(n_params / 1e6, 2),
+            "seconds_diffusers_fp32": t_diffusers,
+            "seconds_fused_default": t_fast,
+            "seconds_fused_fp32": t_fp32,
+            "speedup_default_vs_diffusers": t_diffusers / t_fast,
+            "speedup_fp32_vs_diffusers": t_diffusers / t_fp32,
+            "sampler_overhead_ms_per_step_fp32": 1e3 * (t_fp32 - S * t_model) / S,
+            "model_ms_per_call_fp32": 1e3 * t_model,
+            "images_per_s_default": B / t_fast,
+            "max_abs_diff_default_vs_fp32": err_fast,
+            "max_abs_diff_diffusers_vs_fp32": err_diffusers,
+        }
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_unet_trajectory_cuda_graphs(benchmark, cuda_graph):
+    """On a GPU: steps/s with and without the captured trajectory (fp16 autocast)."""
+    unet = _small_unet().cuda()
+    sampler = FusedSampler(unet, NoiseSchedule.linear(1000), steps=50, cuda_graph=cuda_graph)
+    x_T = torch.randn(8, 3, 32, 32, device="cuda")
+
+    def run():
+        out = sampler.sample(x_T)
+        sync("cuda")
+        return out
+
+    benchmark.group = "cuda unet S=50 B=8"
+    benchmark.pedantic(run, rounds=10, warmup_rounds=2)
+    if benchmark.stats is not None:
+        benchmark.extra_info["steps_per_s"] = 50 / benchmark.stats.stats.median

@@ -1,0 +1,485 @@
+"""FusedSampler: the generalized DDIM/DDPM process of Song, Meng & Ermon (2021), Eq. 12.
+
+One loop runs every trajectory (sampling, decoding, encoding, with or without recording):
+buffers are allocated once before the first step, the per-step timestep tensors and the
+coefficient table live on the sampling device, and each step is one model call plus one call
+of the fused op (``ddim_fast.ops.step``) that writes into a preallocated buffer. Nothing in
+the loop reads a device value on the host, so on CUDA the same loop is what
+``ddim_fast.graphs`` captures into a CUDA graph, and on CPUs it runs eagerly.
+
+Model outputs are checked without a host sync per step: each step writes the float32 sum of
+the model output of every sample into a small device buffer; one check after the loop turns a
+non-finite entry into an error that names the step and the timestep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ddim_fast import ops, reference
+from ddim_fast.schedule import NoiseSchedule, inverse_step_table, select_timesteps, step_table, _check_eta
+
+__all__ = ["FusedSampler", "Trajectory", "slerp"]
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+SOLVERS = ("ddim",)
+_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Trajectory(NamedTuple):
+    """What ``return_trajectory=True`` returns (the tensors of the paper's figures).
+
+    x0: the result (the sample for ``sample``/``decode``, the latent x_T for ``encode``);
+    xs: (S + 1, *shape) every state visited, xs[0] the input and xs[-1] == x0;
+    x0_preds: (S, *shape) the x0-prediction made at each step;
+    timesteps: (S,) the model timestep of each step, in the order they ran.
+    """
+
+    x0: torch.Tensor
+    xs: torch.Tensor
+    x0_preds: torch.Tensor
+    timesteps: torch.Tensor
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Everything one trajectory needs, prepared before its first step (also the graph key)."""
+
+    kind: str  # "sample" or "encode"
+    table: torch.Tensor  # (S, 5) float32 on device
+    t_steps: torch.Tensor  # (S, B) int64 on device: the model's timestep at each step
+    t_host: np.ndarray  # (S,) the same on the host, for error messages
+    stochastic: tuple  # (S,) host bools: does step k add noise
+    seed: torch.Tensor  # int64 (2,) on device: (seed, sample offset)
+    noise: Optional[torch.Tensor]  # (S, *shape) float32 or None
+    backend: str
+    model_dtype: Optional[torch.dtype]
+
+
+class _ModelAdapter:
+    """Calls a user's model under the conventions of DESIGN.md and checks what it returns."""
+
+    def __init__(self, model: Callable, model_kwargs: Optional[Dict[str, Any]]):
+        if not callable(model):
+            raise TypeError(f"model: expected a callable model(x, t, **model_kwargs), got {type(model).__name__}")
+        self.model = model
+        self.model_kwargs = dict(model_kwargs or {})
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int, timestep: int) -> torch.Tensor:
+        out = self.model(x, t, **self.model_kwargs)
+        if isinstance(out, (tuple, list)):
+            out = out[0] if len(out) else None
+        elif not torch.is_tensor(out) and hasattr(out, "sample"):
+            out = out.sample
+        elif isinstance(out, dict) and "sample" in out:
+            out = out["sample"]
+        if not torch.is_tensor(out):
+            raise TypeError(
+                f"model returned {type(out).__name__} at step {step} (timestep {timestep}); expected a tensor, "
+                "a tuple whose first item is a tensor, or an object with .sample"
+            )
+        if out.shape != x.shape:
+            # Models with a learned variance (improved DDPM, guided diffusion) return 2C channels.
+            if out.ndim == x.ndim and out.ndim >= 2 and out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
+                out = out[:, : x.shape[1]]
+            else:
+                raise ValueError(
+                    f"model returned shape {tuple(out.shape)} at step {step} (timestep {timestep}); "
+                    f"expected the input's shape {tuple(x.shape)}"
+                )
+        if not out.is_floating_point():
+            raise TypeError(f"model returned dtype {out.dtype} at step {step} (timestep {timestep}); expected floating point")
+        return out
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _model_device(model) -> torch.device:
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+class FusedSampler:
+    """DDIM / DDPM sampling of an epsilon- (or v-, x0-) prediction model along any tau, any eta.
+
+    ``FusedSampler(model, schedule=NoiseSchedule.linear(1000), steps=50, eta=0.0)`` then
+    ``sampler.sample(shape=(64, 3, 32, 32), seed=0)``. See DESIGN.md for every option.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        schedule: Optional[NoiseSchedule] = None,
+        steps: int = 50,
+        eta: Union[float, str] = 0.0,
+        skip: Union[str, Sequence[int]] = "uniform",
+        prediction: str = "epsilon",
+        clip_x0: Union[None, bool, float] = None,
+        precision: str = "auto",
+        backend: str = "auto",
+        cuda_graph: Union[str, bool] = "auto",
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        solver: str = "ddim",
+    ):
+        self.adapter = _ModelAdapter(model, model_kwargs)
+        self.model = model
+        if schedule is None:
+            schedule = NoiseSchedule.linear(1000)
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule: expected a NoiseSchedule, got {type(schedule).__name__}")
+        self.schedule = schedule
+        _check_eta(eta)
+        self.eta = eta
+        if prediction not in reference.PREDICTIONS:
+            raise ValueError(f"prediction: expected one of {tuple(reference.PREDICTIONS)}, got {prediction!r}")
+        self.prediction = prediction
+        self.clip_x0 = self._clip_value(clip_x0)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend: expected one of {ops.BACKENDS}, got {backend!r}")
+        self.backend = backend
+        if cuda_graph not in ("auto", True, False):
+            raise ValueError(f'cuda_graph: expected "auto", True or False, got {cuda_graph!r}')
+        self.cuda_graph = cuda_graph
+        if solver not in SOLVERS:
+            raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
+        self.solver = solver
+        self.skip = skip
+        self._tau = select_timesteps(schedule.T, steps, skip)
+        self.steps = steps
+        self._tables64 = {
+            "sample": step_table(schedule, self._tau, eta),
+            "decode": step_table(schedule, self._tau, 0.0),
+            "encode": inverse_step_table(schedule, self._tau),
+        }
+        self._device_cache: Dict[tuple, torch.Tensor] = {}
+        self._graphs = None  # ddim_fast.graphs.GraphCache, created on first CUDA use
+
+    # -- public properties ----------------------------------------------------------------
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """tau as an int64 tensor, descending: the model timestep of each step, first step first."""
+        return torch.from_numpy(self._tau[::-1].copy())
+
+    @property
+    def num_steps(self) -> int:
+        return int(self._tau.size)
+
+    def __repr__(self) -> str:
+        return (
+            f"FusedSampler(steps={self.num_steps}, eta={self.eta!r}, skip={self.skip!r}, prediction={self.prediction!r}, "
+            f"backend={self.backend!r}, precision={self.precision!r}, schedule={self.schedule!r})"
+        )
+
+    # -- public API -------------------------------------------------------------------------
+    def sample(
+        self,
+        x_T: Optional[torch.Tensor] = None,
+        *,
+        shape: Optional[Sequence[int]] = None,
+        seed: Optional[int] = None,
+        noise: Optional[torch.Tensor] = None,
+        batch_offset: int = 0,
+        device: Union[str, torch.device, None] = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ):
+        """Run the generative process x_T -> x_0 (Eq. 12 at every step of tau).
+
+        x_T: the starting latent (never modified); or ``shape`` (+ ``seed``) to draw it with the
+        built-in counter-based generator. ``noise``: (S, *shape) explicit per-step noise, noise[k]
+        at the k-th step. ``batch_offset``: global index of the first sample, so that sample i is
+        the same whether drawn alone, in a batch, or on another process.
+        """
+        return self._generate("sample", x_T, shape, seed, noise, batch_offset, device, return_trajectory, progress)
+
+    def decode(
+        self,
+        x_T: torch.Tensor,
+        *,
+        device: Union[str, torch.device, None] = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ):
+        """x_T -> x_0 with the deterministic process (eta = 0), the inverse of ``encode``."""
+        if x_T is None:
+            raise ValueError("x_T: decode needs a latent tensor")
+        return self._generate("decode", x_T, None, None, None, 0, device, return_trajectory, progress)
+
+    def encode(
+        self,
+        x0: torch.Tensor,
+        *,
+        eta: Union[float, str, None] = None,
+        device: Union[str, torch.device, None] = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ):
+        """x_0 -> x_T by DDIM inversion along tau (the ODE of Eq. 14 integrated forward in t).
+
+        Inversion exists only for the deterministic process: ``eta`` (the sampler's when not
+        given) must be 0.
+        """
+        eff = self.eta if eta is None else eta
+        if eff != 0:
+            raise ValueError(
+                f"eta: encode is DDIM inversion, defined only for the deterministic process (eta = 0), got eta={eff!r}; "
+                "pass encode(x0, eta=0) or build the sampler with eta=0"
+            )
+        x0 = self._check_latent(x0, "x0")
+        return self._generate("encode", x0, None, None, None, 0, device, return_trajectory, progress)
+
+    # -- preparation --------------------------------------------------------------------------
+    @staticmethod
+    def _clip_value(clip_x0) -> float:
+        if clip_x0 is None or clip_x0 is False:
+            return 0.0
+        if clip_x0 is True:
+            return 1.0
+        if isinstance(clip_x0, (int, float)) and math.isfinite(clip_x0) and clip_x0 > 0:
+            return float(clip_x0)
+        raise ValueError(f"clip_x0: expected None, True (clamp x0 to [-1, 1]) or a positive float, got {clip_x0!r}")
+
+    @staticmethod
+    def _check_latent(x, name: str) -> torch.Tensor:
+        if not torch.is_tensor(x):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+        if x.ndim < 1 or x.numel() == 0:
+            raise ValueError(f"{name}: expected a non-empty tensor of shape (B, ...), got {tuple(x.shape)}")
+        return x
+
+    def _model_dtype(self, device: torch.device) -> Optional[torch.dtype]:
+        if self.precision != "auto":
+            return _DTYPES[self.precision]
+        if device.type == "cuda":
+            return torch.float16
+        if device.type == "cpu" and _cpu_has_native_bf16():
+            return torch.bfloat16
+        return None
+
+    def _device_table(self, kind: str, device: torch.device) -> torch.Tensor:
+        key = (kind, str(device))
+        if key not in self._device_cache:
+            self._device_cache[key] = self._tables64[kind].to(device=device, dtype=torch.float32)
+        return self._device_cache[key]
+
+    def _plan(self, kind, B, device, seed, batch_offset, noise) -> _Plan:
+        table_kind = kind
+        tau = self._tau if kind == "encode" else self._tau[::-1]
+        t_host = np.ascontiguousarray(tau)
+        t_steps = torch.as_tensor(t_host, device=device)[:, None].expand(-1, B).contiguous()
+        table64 = self._tables64[table_kind]
+        stochastic = tuple(bool(s > 0) for s in table64[:, 4].tolist())
+        seed_t = torch.tensor([int(seed or 0), int(batch_offset)], dtype=torch.int64, device=device)
+        return _Plan(
+            kind=kind,
+            table=self._device_table(table_kind, device),
+            t_steps=t_steps,
+            t_host=t_host,
+            stochastic=stochastic,
+            seed=seed_t,
+            noise=noise,
+            backend=ops.resolve_backend(self.backend, device),
+            model_dtype=self._model_dtype(device),
+        )
+
+    def _generate(self, kind, x_T, shape, seed, noise, batch_offset, device, return_trajectory, progress):
+        S = self.num_steps
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
+        if isinstance(batch_offset, bool) or not isinstance(batch_offset, (int, np.integer)) or batch_offset < 0:
+            raise ValueError(f"batch_offset: expected a non-negative integer, got {batch_offset!r}")
+        if shape is not None:
+            try:
+                shape = tuple(int(s) for s in shape)
+            except TypeError:
+                raise ValueError(f"shape: expected a sequence of positive integers, got {shape!r}") from None
+            if len(shape) < 1 or any(s < 1 for s in shape):
+                raise ValueError(f"shape: expected a sequence of positive integers (B, ...), got {shape!r}")
+        if x_T is not None:
+            x_T = self._check_latent(x_T, "x_T")
+            if shape is not None and tuple(x_T.shape) != shape:
+                raise ValueError(f"shape: {shape} disagrees with x_T's shape {tuple(x_T.shape)}; give one of them")
+            shape = tuple(x_T.shape)
+            dev = torch.device(device) if device is not None else x_T.device
+        else:
+            if shape is None:
+                raise ValueError("shape: give x_T, or shape (and optionally seed) to draw x_T")
+            dev = torch.device(device) if device is not None else _model_device(self.model)
+        needs_seed = x_T is None or (kind == "sample" and noise is None and any(self._tables64["sample"][:, 4] > 0))
+        if seed is None and needs_seed:
+            # Unseeded runs follow torch's global generator, so torch.manual_seed makes them reproducible.
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        if noise is not None:
+            if kind != "sample":
+                raise ValueError(f"noise: only sample() takes explicit noise, not {kind}()")
+            if not torch.is_tensor(noise) or tuple(noise.shape) != (S, *shape):
+                got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
+                raise ValueError(f"noise: expected shape (S={S}, *{shape}) = {(S, *shape)}, got {got}")
+            noise = noise.to(device=dev, dtype=torch.float32).contiguous()
+
+        if x_T is None:
+            x_start = reference.gaussian(seed, shape, step=0, stream=reference.STREAM_X_T, sample_offset=batch_offset, device=dev)
+        else:
+            x_start = x_T.detach().to(device=dev, dtype=torch.float32)
+            if not bool(torch.isfinite(x_start).all()):
+                raise ValueError(f"{'x0' if kind == 'encode' else 'x_T'}: contains NaN or infinite values")
+
+        plan = self._plan(kind, shape[0], dev, seed, batch_offset, noise)
+        with torch.inference_mode():
+            graph_runner = self._graph_runner(dev)
+            if graph_runner is not None:
+                result = graph_runner.run(self, plan, x_start, return_trajectory)
+            else:
+                bufs = self._buffers(plan, x_start, return_trajectory)
+                self._loop(plan, bufs, progress)
+                result = bufs
+            self._check_finite(plan, result.flags)
+            return self._result(result, plan, return_trajectory)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _buffers(self, plan: _Plan, x_start: torch.Tensor, record: bool) -> "_Buffers":
+        S = len(plan.t_host)
+        shape = tuple(x_start.shape)
+        dev = x_start.device
+        if record:
+            xs = torch.empty((S + 1, *shape), dtype=torch.float32, device=dev)
+            x0s = torch.empty((S, *shape), dtype=torch.float32, device=dev)
+        else:
+            xs = torch.empty((2, *shape), dtype=torch.float32, device=dev)  # ping-pong
+            x0s = None
+        xs[0].copy_(x_start)
+        flags = torch.zeros((S, shape[0]), dtype=torch.float32, device=dev)
+        return _Buffers(xs=xs, x0s=x0s, flags=flags, record=record)
+
+    def _loop(self, plan: _Plan, bufs: "_Buffers", progress: bool = False) -> None:
+        """The trajectory: S model calls and S fused steps into preallocated buffers, no host sync."""
+        S = len(plan.t_host)
+        pred = reference.PREDICTIONS[self.prediction]
+        autocast = (
+            torch.autocast(device_type=bufs.xs.device.type, dtype=plan.model_dtype)
+            if plan.model_dtype is not None
+            else contextlib.nullcontext()
+        )
+        steps = range(S)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc=f"ddim_fast {plan.kind}", unit="step")
+        for k in steps:
+            x_cur, x_next = bufs.slot(k)
+            with autocast:
+                out = self.adapter(x_cur, plan.t_steps[k], k, int(plan.t_host[k]))
+            torch.sum(out.reshape(out.shape[0], -1), dim=1, dtype=torch.float32, out=bufs.flags[k])
+            ops.step(
+                x_cur,
+                out,
+                plan.table,
+                k,
+                plan.seed,
+                pred,
+                self.clip_x0,
+                plan.stochastic[k],
+                plan.noise[k] if plan.noise is not None else None,
+                x_next,
+                bufs.x0s[k] if bufs.x0s is not None else None,
+                plan.backend,
+            )
+
+    def _check_finite(self, plan: _Plan, flags: torch.Tensor) -> None:
+        bad = ~torch.isfinite(flags).all(dim=1)
+        if bool(bad.any()):  # the one host sync of a trajectory
+            k = int(bad.nonzero()[0, 0])
+            raise FloatingPointError(
+                f"model returned NaN or infinite values at step {k} (timestep {int(plan.t_host[k])}) of {plan.kind}"
+            )
+
+    def _result(self, bufs: "_Buffers", plan: _Plan, record: bool):
+        S = len(plan.t_host)
+        final = bufs.xs[S] if record else bufs.xs[S % 2]
+        if not record:
+            return final.clone()
+        return Trajectory(
+            x0=final.clone(), xs=bufs.xs, x0_preds=bufs.x0s, timesteps=torch.from_numpy(plan.t_host.copy())
+        )
+
+    def _graph_runner(self, device: torch.device):
+        if device.type != "cuda" or self.cuda_graph is False:
+            return None
+        from ddim_fast import graphs
+
+        if self._graphs is None:
+            self._graphs = graphs.GraphCache()
+        return self._graphs
+
+    def reset(self) -> None:
+        """Drop cached CUDA graphs and device tables (their memory is released)."""
+        if self._graphs is not None:
+            self._graphs.clear()
+        self._graphs = None
+        self._device_cache.clear()
+
+
+@dataclasses.dataclass
+class _Buffers:
+    xs: torch.Tensor  # (S + 1, ...) when recording, else (2, ...) ping-pong
+    x0s: Optional[torch.Tensor]
+    flags: torch.Tensor  # (S, B) float32 per-sample sums of the model output
+    record: bool
+
+    def slot(self, k: int):
+        if self.record:
+            return self.xs[k], self.xs[k + 1]
+        return self.xs[k % 2], self.xs[(k + 1) % 2]
+
+
+def slerp(z1: torch.Tensor, z2: torch.Tensor, alpha: Union[float, Sequence[float], torch.Tensor]) -> torch.Tensor:
+    """Spherical linear interpolation between latents (DDIM paper, Section 5.3 and Appendix D.5).
+
+    z = sin((1 - alpha) theta) / sin(theta) * z1 + sin(alpha theta) / sin(theta) * z2, with theta
+    the angle between z1[i] and z2[i] flattened: latents are batched (B, ...) as the sampler
+    uses them, one angle per sample (a 1-D input is one latent). A scalar ``alpha`` gives the
+    input's shape; K values give a leading dimension K. Where z1[i] and z2[i] are (anti)parallel
+    it falls back to linear interpolation.
+    """
+    if not torch.is_tensor(z1) or not torch.is_tensor(z2):
+        raise TypeError("z1, z2: expected tensors")
+    if z1.shape != z2.shape:
+        raise ValueError(f"z2: expected the shape of z1 {tuple(z1.shape)}, got {tuple(z2.shape)}")
+    if not z1.is_floating_point() or not z2.is_floating_point():
+        raise ValueError("z1, z2: expected floating-point tensors")
+    al = torch.as_tensor(alpha, dtype=torch.float64, device=z1.device)
+    if al.ndim > 1:
+        raise ValueError(f"alpha: expected a scalar or a 1-D sequence, got shape {tuple(al.shape)}")
+    a = z1.double().reshape(z1.shape[0], -1) if z1.ndim > 1 else z1.double().reshape(1, -1)
+    b = z2.double().reshape(a.shape)
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
+    theta = torch.arccos(cos.clamp(-1.0, 1.0))[:, None]  # (B, 1)
+    al_ = al.reshape(-1, 1, 1)  # (K or 1, 1, 1)
+    sin_t = torch.sin(theta)
+    parallel = sin_t < 1e-6
+    w1 = torch.where(parallel, 1 - al_, torch.sin((1 - al_) * theta) / torch.where(parallel, 1.0, sin_t))
+    w2 = torch.where(parallel, al_, torch.sin(al_ * theta) / torch.where(parallel, 1.0, sin_t))
+    out = w1 * a + w2 * b  # (K or 1, B, D)
+    out = out.reshape(-1, *z1.shape).to(z1.dtype)
+    return out if al.ndim == 1 else out[0]

@@ -1,0 +1,407 @@
+"""FusedSampler end to end: against diffusers' DDIMScheduler, the original DDIM code, and closed form."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from _utils import assert_close
+from ddim_fast import FusedSampler, NoiseSchedule, Trajectory, slerp
+from ddim_fast.reference import GaussianMixtureEps
+
+SCHEDULES = {
+    "linear": dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+    "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+}
+
+
+def gmm_model(schedule, shape=(3, 4, 4), K=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D = int(np.prod(shape))
+    means = torch.randn(K, D, generator=g, dtype=torch.float64) * 0.7
+    return GaussianMixtureEps(schedule.alphas_cumprod, means, stds=[0.3, 0.5, 0.4][:K])
+
+
+class AsV(torch.nn.Module):
+    """Turns an epsilon model into the v-prediction model of the same process: v = (eps - sqrt(1-a) x) / sqrt(a)."""
+
+    def __init__(self, eps_model):
+        super().__init__()
+        self.eps_model = eps_model
+
+    def forward(self, x, t):
+        a = self.eps_model.alphas_cumprod[t][:, None, None, None].float()
+        return (self.eps_model(x, t) - (1 - a).sqrt() * x) / a.sqrt()
+
+
+class AsX0(AsV):
+    def forward(self, x, t):
+        a = self.eps_model.alphas_cumprod[t][:, None, None, None].float()
+        return (x - (1 - a).sqrt() * self.eps_model(x, t)) / a.sqrt()
+
+
+def diffusers_loop(model, scheduler, x, eta=0.0, noise=None):
+    x = x.clone()
+    with torch.no_grad():
+        for k, t in enumerate(scheduler.timesteps):
+            out = model(x, t.expand(x.shape[0]))
+            variance_noise = noise[k] if noise is not None else None
+            x = scheduler.step(out, t, x, eta=eta, variance_noise=variance_noise).prev_sample
+    return x
+
+
+def make_scheduler(name, S, prediction_type="epsilon"):
+    sch = DDIMScheduler(
+        num_train_timesteps=1000,
+        timestep_spacing="leading",
+        steps_offset=0,
+        set_alpha_to_one=True,
+        clip_sample=False,
+        prediction_type=prediction_type,
+        **SCHEDULES[name],
+    )
+    sch.set_timesteps(S)
+    return sch
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "scaled_linear"])
+@pytest.mark.parametrize("S", [10, 50, 100])
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "x0"])
+def test_eta0_equals_diffusers_ddim(schedule_name, S, prediction):
+    sch = make_scheduler(schedule_name, S, {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}[prediction])
+    schedule = NoiseSchedule.from_betas(sch.betas)
+    eps_model = gmm_model(schedule)
+    model = {"epsilon": eps_model, "v": AsV(eps_model), "x0": AsX0(eps_model)}[prediction]
+    x_T = torch.randn(4, 3, 4, 4)
+    expected = diffusers_loop(model, sch, x_T)
+    ours = FusedSampler(model, schedule, steps=S, eta=0.0, prediction=prediction, precision="fp32").sample(x_T)
+    assert_close(ours, expected, atol=2e-5, rtol=2e-5, what=f"{prediction} S={S}")
+
+
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+@pytest.mark.parametrize("S", [20, 50])
+def test_eta_positive_equals_diffusers_with_same_noise(eta, S):
+    sch = make_scheduler("linear", S)
+    schedule = NoiseSchedule.from_betas(sch.betas)
+    model = gmm_model(schedule)
+    x_T = torch.randn(4, 3, 4, 4)
+    noise = torch.randn(S, 4, 3, 4, 4)
+    expected = diffusers_loop(model, sch, x_T, eta=eta, noise=noise)
+    ours = FusedSampler(model, schedule, steps=S, eta=eta, precision="fp32").sample(x_T, noise=noise)
+    assert_close(ours, expected, atol=2e-5, rtol=2e-5, what=f"eta={eta} S={S}")
+
+
+def original_generalized_steps(x, seq, model, b, eta=0.0, noise=None):
+    """A transcription of the original DDIM code's ``generalized_steps`` (functions/denoising.py)."""
+
+    def compute_alpha(beta, t):
+        beta = torch.cat([torch.zeros(1, dtype=beta.dtype), beta], dim=0)
+        return (1 - beta).cumprod(dim=0).index_select(0, t + 1).view(-1, 1, 1, 1)
+
+    n = x.size(0)
+    seq_next = [-1] + list(seq[:-1])
+    xs = [x]
+    for k, (i, j) in enumerate(zip(reversed(seq), reversed(seq_next))):
+        t = torch.ones(n, dtype=torch.long) * i
+        next_t = torch.ones(n, dtype=torch.long) * j
+        at = compute_alpha(b, t).float()
+        at_next = compute_alpha(b, next_t).float()
+        xt = xs[-1]
+        et = model(xt, t)
+        x0_t = (xt - et * (1 - at).sqrt()) / at.sqrt()
+        c1 = eta * ((1 - at / at_next) * (1 - at_next) / (1 - at)).sqrt()
+        c2 = ((1 - at_next) - c1**2).sqrt()
+        z = noise[k] if noise is not None else torch.zeros_like(x)
+        xs.append(at_next.sqrt() * x0_t + c1 * z + c2 * et)
+    return xs[-1]
+
+
+@pytest.mark.parametrize("skip, S", [("uniform", 20), ("uniform", 30), ("quad", 100)])
+def test_eta0_equals_original_generalized_steps(skip, S):
+    """Including T % S != 0 (range() runs more steps) and "quad" duplicates (identity steps there)."""
+    schedule = NoiseSchedule.linear(1000)
+    model = gmm_model(schedule)
+    if skip == "uniform":
+        seq = list(range(0, 1000, 1000 // S))
+    else:
+        seq = [int(s) for s in np.linspace(0, np.sqrt(1000 * 0.8), S) ** 2]
+    x_T = torch.randn(3, 3, 4, 4)
+    expected = original_generalized_steps(x_T, seq, model, schedule.betas)
+    sampler = FusedSampler(model, schedule, steps=S, skip=skip, precision="fp32")
+    assert sampler.num_steps == len(set(seq))
+    assert_close(sampler.sample(x_T), expected, atol=5e-5, rtol=5e-5, what=f"{skip} S={S}")
+
+
+def test_eta1_equals_original_generalized_steps_with_noise():
+    schedule = NoiseSchedule.linear(1000)
+    model = gmm_model(schedule)
+    seq = list(range(0, 1000, 50))
+    x_T = torch.randn(3, 3, 4, 4)
+    noise = torch.randn(len(seq), 3, 3, 4, 4)
+    expected = original_generalized_steps(x_T, seq, model, schedule.betas, eta=1.0, noise=noise)
+    ours = FusedSampler(model, schedule, steps=20, eta=1.0, precision="fp32").sample(x_T, noise=noise)
+    assert_close(ours, expected, atol=5e-5, rtol=5e-5)
+
+
+# -- closed form: a Gaussian mixture whose optimal epsilon is a formula --------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixture_1d():
+    schedule = NoiseSchedule.linear(1000)
+    model = GaussianMixtureEps(schedule.alphas_cumprod, [[-1.5], [1.0]], stds=[0.3, 0.5], weights=[0.4, 0.6])
+    return schedule, model
+
+
+def moment_errors(model, x):
+    mean, cov = model.data_moments()
+    x = x.double().reshape(x.shape[0], -1)
+    return (x.mean(0) - mean).abs().max().item(), (x.var(0) - torch.diagonal(cov)).abs().max().item()
+
+
+def test_ddim_converges_to_data_distribution_as_S_grows(mixture_1d):
+    schedule, model = mixture_1d
+    errs = []
+    for S in (5, 20, 100):
+        x = FusedSampler(model, schedule, steps=S, eta=0.0, precision="fp32").sample(shape=(20000, 1), seed=3)
+        errs.append(moment_errors(model, x))
+    var_errs = [e[1] for e in errs]
+    assert var_errs[0] > var_errs[1] > var_errs[2], errs
+    # at S = 100 the only error left is sampling error (var of 20000 draws: ~0.02)
+    assert errs[2][0] < 0.04 and errs[2][1] < 0.06, errs
+
+
+def test_ancestral_ddpm_eta1_full_T_recovers_moments(mixture_1d):
+    schedule, model = mixture_1d
+    x = FusedSampler(model, schedule, steps=1000, eta=1.0, precision="fp32").sample(shape=(8000, 1), seed=11)
+    m_err, v_err = moment_errors(model, x)
+    assert m_err < 0.06 and v_err < 0.12, (m_err, v_err)
+
+
+def test_eta0_beats_eta1_at_small_S(mixture_1d):
+    """The paper's Table 1 trend: at few steps, DDIM is closer to the data than DDPM."""
+    schedule, model = mixture_1d
+    e0 = moment_errors(model, FusedSampler(model, schedule, steps=10, eta=0.0, precision="fp32").sample(shape=(20000, 1), seed=5))
+    e1 = moment_errors(model, FusedSampler(model, schedule, steps=10, eta=1.0, precision="fp32").sample(shape=(20000, 1), seed=5))
+    assert e0[1] < e1[1], (e0, e1)
+
+
+# -- encode / decode ---------------------------------------------------------------------------------
+
+
+def test_encode_decode_roundtrip_error_falls_with_S():
+    schedule = NoiseSchedule.linear(1000)
+    model = gmm_model(schedule)
+    x0 = model.sample_data(16, generator=torch.Generator().manual_seed(1)).float().reshape(16, 3, 4, 4)
+    errs = []
+    for S in (10, 50, 200):
+        sampler = FusedSampler(model, schedule, steps=S, precision="fp32")
+        x_T = sampler.encode(x0)
+        errs.append(((sampler.decode(x_T) - x0) ** 2).mean().item())
+    assert errs[0] > errs[1] > errs[2], errs
+    assert errs[2] < 1e-3, errs
+
+
+def test_encode_latent_is_gaussian_like():
+    schedule = NoiseSchedule.linear(1000)
+    model = gmm_model(schedule)
+    x0 = model.sample_data(256).float().reshape(256, 3, 4, 4)
+    x_T = FusedSampler(model, schedule, steps=100, precision="fp32").encode(x0)
+    assert abs(x_T.mean().item()) < 0.1 and abs(x_T.std().item() - 1) < 0.1
+
+
+def test_encode_rejects_eta():
+    sampler = FusedSampler(lambda x, t: x, steps=10, eta=0.5)
+    with pytest.raises(ValueError, match="eta"):
+        sampler.encode(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="eta"):
+        FusedSampler(lambda x, t: x, steps=10).encode(torch.zeros(1, 2), eta=1.0)
+    sampler.encode(torch.zeros(1, 2), eta=0)  # explicit eta=0 is the deterministic inversion
+
+
+# -- seeds, noise and batching ------------------------------------------------------------------------
+
+
+def test_seeded_runs_are_reproducible_and_seed_matters():
+    schedule = NoiseSchedule.linear(1000)
+    model = gmm_model(schedule)
+    s = FusedSampler(model, schedule, steps=10, eta=1.0, precision="fp32")
+    a = s.sample(shape=(2, 3, 4, 4), seed=7)
+    b = s.sample(shape=(2, 3, 4, 4), seed=7)
+    c = s.sample(shape=(2, 3, 4, 4), seed=8)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_sample_i_is_the_same_alone_in_a_batch_or_at_an_offset():
+    schedule = NoiseSchedule.linear(1000)
+    model = gmm_model(schedule)
+    s = FusedSampler(model, schedule, steps=10, eta=1.0, precision="fp32")
+    batch = s.sample(shape=(7, 3, 4, 4), seed=3)
+    alone = s.sample(shape=(1, 3, 4, 4), seed=3, batch_offset=5)
+    assert_close(alone[0], batch[5], atol=1e-5, rtol=1e-5)
+    tail = s.sample(shape=(2, 3, 4, 4), seed=3, batch_offset=5)
+    assert_close(tail, batch[5:7], atol=1e-5, rtol=1e-5)
+
+
+def test_unseeded_runs_follow_torch_manual_seed():
+    s = FusedSampler(gmm_model(NoiseSchedule.linear(1000)), steps=5, eta=1.0, precision="fp32")
+    torch.manual_seed(1)
+    a = s.sample(shape=(2, 3, 4, 4))
+    torch.manual_seed(1)
+    assert torch.equal(a, s.sample(shape=(2, 3, 4, 4)))
+
+
+def test_caller_tensors_are_not_modified():
+    schedule = NoiseSchedule.linear(1000)
+    model = gmm_model(schedule)
+    x_T = torch.randn(2, 3, 4, 4)
+    noise = torch.randn(10, 2, 3, 4, 4)
+    x_copy, n_copy = x_T.clone(), noise.clone()
+    s = FusedSampler(model, schedule, steps=10, eta=1.0, precision="fp32")
+    s.sample(x_T, noise=noise)
+    s.decode(x_T)
+    s.encode(x_T, eta=0)
+    assert torch.equal(x_T, x_copy) and torch.equal(noise, n_copy)
+
+
+# -- trajectories, model conventions, progress ----------------------------------------------------------
+
+
+def test_return_trajectory():
+    schedule = NoiseSchedule.linear(1000)
+    model = gmm_model(schedule)
+    s = FusedSampler(model, schedule, steps=10, precision="fp32")
+    x_T = torch.randn(2, 3, 4, 4)
+    traj = s.sample(x_T, return_trajectory=True)
+    assert isinstance(traj, Trajectory)
+    assert traj.xs.shape == (11, 2, 3, 4, 4) and traj.x0_preds.shape == (10, 2, 3, 4, 4)
+    assert torch.equal(traj.xs[0], x_T) and torch.equal(traj.xs[-1], traj.x0)
+    assert traj.timesteps.tolist() == s.timesteps.tolist()
+    # the last step lands on alpha = 1: the output is the last x0-prediction
+    assert_close(traj.x0, traj.x0_preds[-1], atol=1e-6)
+    # the x0-prediction at step k is Eq. 12's "predicted x0" from x_t and eps
+    a = schedule.alphas_cumprod[int(traj.timesteps[3])]
+    eps = model(traj.xs[3], traj.timesteps[3].expand(2))
+    assert_close(traj.x0_preds[3], (traj.xs[3] - (1 - a).sqrt() * eps) / a.sqrt(), atol=1e-5)
+    assert torch.equal(traj.x0, s.sample(x_T))
+    enc = s.encode(traj.x0, return_trajectory=True)
+    assert enc.timesteps.tolist() == sorted(s.timesteps.tolist())
+
+
+@pytest.mark.parametrize("wrap", ["tensor", "tuple", "dataclass", "dict", "learned_variance"])
+def test_model_call_conventions(wrap):
+    schedule = NoiseSchedule.linear(1000)
+    base = gmm_model(schedule)
+
+    class Out:
+        def __init__(self, sample):
+            self.sample = sample
+
+    def model(x, t, scale=1.0):
+        assert t.dtype == torch.int64 and t.shape == (x.shape[0],) and t.device == x.device
+        e = base(x, t) * scale
+        return {
+            "tensor": e,
+            "tuple": (e, None),
+            "dataclass": Out(e),
+            "dict": {"sample": e},
+            "learned_variance": torch.cat([e, torch.zeros_like(e)], dim=1),
+        }[wrap]
+
+    x_T = torch.randn(2, 3, 4, 4)
+    ref = FusedSampler(lambda x, t: base(x, t) * 0.5, schedule, steps=5, precision="fp32").sample(x_T)
+    ours = FusedSampler(model, schedule, steps=5, precision="fp32", model_kwargs={"scale": 0.5}).sample(x_T)
+    assert torch.equal(ours, ref)
+
+
+def test_progress_bar(capsys):
+    s = FusedSampler(gmm_model(NoiseSchedule.linear(1000)), steps=5, precision="fp32")
+    s.sample(shape=(1, 3, 4, 4), seed=0, progress=True)
+    assert "5/5" in capsys.readouterr().err
+
+
+# -- errors ----------------------------------------------------------------------------------------------
+
+
+def test_model_wrong_shape_names_step_and_timestep():
+    s = FusedSampler(lambda x, t: x[:, :1], steps=10)
+    with pytest.raises(ValueError, match=r"step 0 \(timestep 900\).*expected the input's shape"):
+        s.sample(shape=(2, 3, 4, 4), seed=0)
+
+
+def test_model_nan_names_step_and_timestep():
+    def model(x, t):
+        return torch.where(t[:, None] == 500, torch.full_like(x, float("nan")), torch.zeros_like(x))
+
+    s = FusedSampler(model, steps=10, precision="fp32")
+    with pytest.raises(FloatingPointError, match=r"step 4 \(timestep 500\)"):
+        s.sample(shape=(2, 3), seed=0)
+
+
+def test_model_returning_garbage_type():
+    with pytest.raises(TypeError, match="model returned str"):
+        FusedSampler(lambda x, t: "eps", steps=2).sample(shape=(1, 2), seed=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, call, match",
+    [
+        (dict(prediction="score"), None, "prediction"),
+        (dict(skip="cubic"), None, "skip"),
+        (dict(steps=0), None, "steps"),
+        (dict(steps=1001), None, "steps"),
+        (dict(eta=-1.0), None, "eta"),
+        (dict(precision="fp8"), None, "precision"),
+        (dict(backend="cuda"), None, "backend"),
+        (dict(solver="euler"), None, "solver"),
+        (dict(clip_x0=-1.0), None, "clip_x0"),
+        (dict(cuda_graph="yes"), None, "cuda_graph"),
+        ({}, dict(x_T=torch.zeros(2, 3, dtype=torch.long)), "x_T: expected a floating-point"),
+        ({}, dict(x_T=torch.zeros(2, 3), shape=(2, 4)), "shape"),
+        ({}, dict(shape=None), "shape"),
+        ({}, dict(shape=(2, -3)), "shape"),
+        ({}, dict(shape=(2, 3), seed=-1), "seed"),
+        ({}, dict(shape=(2, 3), seed=1.5), "seed"),
+        ({}, dict(shape=(2, 3), noise=torch.zeros(9, 2, 3)), r"noise: expected shape \(S=10"),
+        ({}, dict(x_T=torch.full((2, 3), float("nan"))), "x_T: contains NaN"),
+        ({}, dict(shape=(2, 3), batch_offset=-1), "batch_offset"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, call, match):
+    with pytest.raises(ValueError, match=match):
+        s = FusedSampler(lambda x, t: x, **{"steps": 10, **kwargs})
+        s.sample(**(call or dict(shape=(2, 3), seed=0)))
+
+
+def test_model_must_be_callable():
+    with pytest.raises(TypeError, match="model"):
+        FusedSampler(42)
+
+
+# -- slerp ---------------------------------------------------------------------------------------------------
+
+
+def test_slerp_endpoints_norm_and_angle():
+    z1, z2 = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    norm = lambda z: z.flatten(1).norm(dim=1)[:, None, None, None]  # noqa: E731
+    z2 = z2 / norm(z2) * norm(z1)  # equal norms: the midpoint then bisects the angle exactly
+    assert_close(slerp(z1, z2, 0.0), z1, atol=1e-6)
+    assert_close(slerp(z1, z2, 1.0), z2, atol=1e-6)
+    mid = slerp(z1, z2, 0.5)
+    for i in range(2):
+        a, b, m = z1[i].flatten().double(), z2[i].flatten().double(), mid[i].flatten().double()
+        ang = lambda u, v: torch.arccos(torch.dot(u, v) / (u.norm() * v.norm()))  # noqa: E731
+        assert ang(a, m).item() == pytest.approx(ang(m, b).item(), rel=1e-4)  # halfway along the arc
+    # high-dimensional Gaussians are nearly orthogonal with equal norms: slerp keeps the norm, lerp does not
+    assert mid.flatten(1).norm(dim=1).mean() > 0.9 * z1.flatten(1).norm(dim=1).mean()
+    many = slerp(z1, z2, torch.linspace(0, 1, 5))
+    assert many.shape == (5, 2, 3, 8, 8)
+    assert_close(many[2], mid, atol=1e-6)
+
+
+def test_slerp_parallel_and_errors():
+    z = torch.randn(1, 10)
+    assert_close(slerp(z, 2 * z, 0.5), 1.5 * z, atol=1e-6)
+    with pytest.raises(ValueError, match="z2"):
+        slerp(torch.zeros(2, 3), torch.zeros(2, 4), 0.5)
