@@ -177,6 +177,26 @@ class FusedSampler:
         self._device_cache: Dict[tuple, torch.Tensor] = {}
         self._graphs = None  # ddim_fast.graphs.GraphCache, created on first CUDA use
 
+    @classmethod
+    def from_diffusers(cls, unet_or_pipeline, scheduler=None, **options) -> "FusedSampler":
+        """A sampler for a diffusers UNet (or pipeline) that reproduces its scheduler's DDIM loop.
+
+        ``scheduler`` defaults to the pipeline's; its betas, T, prediction type, timestep
+        spacing/offset and clipping become our options (see ``ddim_fast.compat``); ``options``
+        (``steps=50``, ``eta``, ``precision``...) override them.
+        """
+        from ddim_fast.compat import sampler_options_from_diffusers
+
+        model = unet_or_pipeline
+        if hasattr(unet_or_pipeline, "unet"):
+            model = unet_or_pipeline.unet
+            scheduler = scheduler if scheduler is not None else getattr(unet_or_pipeline, "scheduler", None)
+        if scheduler is None:
+            raise ValueError("scheduler: a bare UNet needs the diffusers scheduler (or config) it was trained with")
+        derived = sampler_options_from_diffusers(scheduler, int(options.get("steps", 50)))
+        derived.update(options)
+        return cls(model, schedule=NoiseSchedule.from_diffusers(scheduler), **derived)
+
     # -- public properties ----------------------------------------------------------------
     @property
     def timesteps(self) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""diffusers interoperability: schedules read from scheduler configs, and pipeline loops replaced."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+
+from _utils import assert_close
+from ddim_fast import FusedSampler, NoiseSchedule
+
+
+@pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+        dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        dict(beta_schedule="squaredcos_cap_v2"),
+        dict(trained_betas=np.linspace(1e-4, 0.03, 500).tolist(), num_train_timesteps=500),
+    ],
+    ids=["linear", "scaled_linear", "cosine", "trained"],
+)
+def test_schedule_roundtrip(cls, kw):
+    kw = {"num_train_timesteps": 1000, **kw}
+    sch = cls(**kw)
+    for source in (sch, sch.config, dict(sch.config)):
+        ours = NoiseSchedule.from_diffusers(source)
+        assert ours.T == sch.config.num_train_timesteps
+        np.testing.assert_allclose(ours.betas.numpy(), sch.betas.double().numpy(), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(ours.alphas_cumprod.numpy(), sch.alphas_cumprod.double().numpy(), rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        (dict(beta_schedule="sigmoid"), "beta_schedule='sigmoid'"),
+        (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
+    ],
+)
+def test_unsupported_configs_rejected(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        NoiseSchedule.from_diffusers({"num_train_timesteps": 1000, **cfg})
+    with pytest.raises(TypeError, match="scheduler_or_config"):
+        NoiseSchedule.from_diffusers(42)
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    "sched_kw",
+    [
+        dict(),
+        dict(steps_offset=1),
+        dict(timestep_spacing="trailing"),
+        dict(prediction_type="v_prediction"),
+        dict(clip_sample=True),
+    ],
+    ids=["leading", "offset1", "trailing", "v", "clip"],
+)
+def test_from_diffusers_pipeline_equals_pipeline_loop(sched_kw):
+    unet = tiny_unet()
+    sch = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", set_alpha_to_one=True,
+                        **{"clip_sample": False, **sched_kw})
+    pipe = DDIMPipeline(unet=unet, scheduler=sch)
+    S = 20
+    x_T = torch.randn(2, 3, 8, 8)
+    # what DDIMPipeline.__call__ does, minus the image post-processing
+    sch.set_timesteps(S)
+
+    def pipeline_loop(x):
+        with torch.no_grad():
+            for t in sch.timesteps:
+                x = sch.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+        return x
+
+    expected = pipeline_loop(x_T.clone())
+    # A random UNet with clipping is chaotic: a 1e-6 relative nudge of x_T moves diffusers' own
+    # output by ~4e-4. The tolerance is scaled by that intrinsic sensitivity (1e-4 at least).
+    sensitivity = (pipeline_loop(x_T * (1 + 1e-6)) - expected).abs().max().item()
+    ours = FusedSampler.from_diffusers(pipe, steps=S, precision="fp32").sample(x_T)
+    assert_close(ours, expected, atol=max(1e-4, 4 * sensitivity), rtol=1e-4)
+
+
+def test_from_diffusers_needs_a_scheduler_for_a_bare_unet():
+    with pytest.raises(ValueError, match="scheduler"):
+        FusedSampler.from_diffusers(tiny_unet())
+    s = FusedSampler.from_diffusers(tiny_unet(), DDPMScheduler(num_train_timesteps=1000), steps=10)
+    assert s.num_steps == 10 and s.prediction == "epsilon"
