@@ -6,9 +6,10 @@ coefficient table are on the device before the first step, the seed is read from
 by the kernels, and nothing reads a device value on the host. This module runs that same loop
 under ``torch.cuda.graph`` once per configuration and replays it afterwards:
 
-- one entry per (kind, shape, steps, eta, precision, backend, recording, explicit noise): the
+- one entry per (kind, shape, steps, eta, precision, backend, recording, explicit noise,
+  guidance, the shapes of the conditioning tensors): the
   sampler owns its model, schedule and options, so the cache lives on the sampler;
-- inputs (x_T, the seed and batch offset, explicit noise) are copied into the entry's static
+- inputs (x_T, the seed and batch offset, explicit noise, conditioning) are copied into the entry's static
   buffers before each replay, so a new seed draws new noise without recapture;
 - the first call warms up on a side stream (cuDNN/cuBLAS autotuning, lazy init) and returns
   that eager result; the capture uses a private memory pool; outputs are cloned after replay;
@@ -69,6 +70,11 @@ def graph_key(sampler, plan, x_start: torch.Tensor, record: bool) -> tuple:
         sampler.clip_x0,
         bool(record),
         plan.noise is not None,
+        plan.guidance_scale,
+        tuple(
+            (k, (tuple(v.shape), str(v.dtype), str(v.device)) if torch.is_tensor(v) else repr(v))
+            for k, v in sorted(plan.model_kwargs.items())
+        ),
     )
 
 
@@ -83,6 +89,9 @@ class _Entry:
         self.plan.seed.copy_(plan.seed)
         if plan.noise is not None:
             self.plan.noise.copy_(plan.noise)
+        for key, value in plan.model_kwargs.items():  # conditioning tensors: same shapes (graph key)
+            if torch.is_tensor(value):
+                self.plan.model_kwargs[key].copy_(value)
 
 
 class GraphCache:
@@ -125,6 +134,7 @@ class GraphCache:
             plan,
             seed=plan.seed.clone(),
             noise=plan.noise.clone() if plan.noise is not None else None,
+            model_kwargs={k: v.clone() if torch.is_tensor(v) else v for k, v in plan.model_kwargs.items()},
         )
         bufs = sampler._buffers(static_plan, x_start, record)
         entry = _Entry(plan=static_plan, bufs=bufs)

@@ -128,6 +128,17 @@ def _run_cpp(*args) -> None:
 _IMPLS = {"torch": _run_torch, "triton": _run_triton, "cpp": _run_cpp}
 
 
+def gaussian(seed: int, shape, *, stream: int, sample_offset: int, device, backend: str) -> torch.Tensor:
+    """Normals under the noise contract (``reference.gaussian``), drawn by ``backend`` when it can.
+
+    The Triton kernel draws them in one launch on the device; elsewhere the vectorised
+    reference computes the same numbers (to float32 transcendental rounding).
+    """
+    if backend == "triton":
+        return _triton_module().triton_gaussian(seed, shape, step=0, stream=stream, sample_offset=sample_offset, device=device)
+    return reference.gaussian(seed, shape, step=0, stream=stream, sample_offset=sample_offset, device=device)
+
+
 @torch.library.custom_op("ddim_fast::step", mutates_args=("out", "x0_out"))
 def step(
     x: torch.Tensor,

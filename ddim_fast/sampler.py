@@ -60,19 +60,20 @@ class _Plan:
     noise: Optional[torch.Tensor]  # (S, *shape) float32 or None
     backend: str
     model_dtype: Optional[torch.dtype]
+    model_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    guidance_scale: Optional[float] = None
 
 
 class _ModelAdapter:
     """Calls a user's model under the conventions of DESIGN.md and checks what it returns."""
 
-    def __init__(self, model: Callable, model_kwargs: Optional[Dict[str, Any]]):
+    def __init__(self, model: Callable):
         if not callable(model):
             raise TypeError(f"model: expected a callable model(x, t, **model_kwargs), got {type(model).__name__}")
         self.model = model
-        self.model_kwargs = dict(model_kwargs or {})
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int, timestep: int) -> torch.Tensor:
-        out = self.model(x, t, **self.model_kwargs)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int, timestep: int, kwargs: Dict[str, Any]) -> torch.Tensor:
+        out = self.model(x, t, **kwargs)
         if isinstance(out, (tuple, list)):
             out = out[0] if len(out) else None
         elif not torch.is_tensor(out) and hasattr(out, "sample"):
@@ -137,9 +138,18 @@ class FusedSampler:
         model_kwargs: Optional[Dict[str, Any]] = None,
         solver: str = "ddim",
         channels_last: Union[str, bool] = "auto",
+        guidance_scale: Optional[float] = None,
+        uncond_kwargs: Optional[Dict[str, Any]] = None,
     ):
-        self.adapter = _ModelAdapter(model, model_kwargs)
+        self.adapter = _ModelAdapter(model)
         self.model = model
+        self.model_kwargs = self._check_kwargs(model_kwargs, "model_kwargs")
+        self.uncond_kwargs = self._check_kwargs(uncond_kwargs, "uncond_kwargs")
+        if guidance_scale is not None and (
+            isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale)
+        ):
+            raise ValueError(f"guidance_scale: expected None or a finite float, got {guidance_scale!r}")
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
         if schedule is None:
             schedule = NoiseSchedule.linear(1000)
         if not isinstance(schedule, NoiseSchedule):
@@ -225,15 +235,25 @@ class FusedSampler:
         device: Union[str, torch.device, None] = None,
         return_trajectory: bool = False,
         progress: bool = False,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        uncond_kwargs: Optional[Dict[str, Any]] = None,
     ):
         """Run the generative process x_T -> x_0 (Eq. 12 at every step of tau).
 
         x_T: the starting latent (never modified); or ``shape`` (+ ``seed``) to draw it with the
         built-in counter-based generator. ``noise``: (S, *shape) explicit per-step noise, noise[k]
         at the k-th step. ``batch_offset``: global index of the first sample, so that sample i is
-        the same whether drawn alone, in a batch, or on another process.
+        the same whether drawn alone, in a batch, or on another process. ``model_kwargs`` /
+        ``uncond_kwargs``: this call's conditioning (class labels, text embeddings), replacing
+        the constructor's; with ``guidance_scale`` set, each step evaluates the conditional and
+        unconditional inputs in one batched model call and feeds
+        eps_u + guidance_scale * (eps_c - eps_u) to the fused step (classifier-free guidance).
         """
-        return self._generate("sample", x_T, shape, seed, noise, batch_offset, device, return_trajectory, progress)
+        kwargs = (
+            self._check_kwargs(model_kwargs, "model_kwargs") if model_kwargs is not None else self.model_kwargs,
+            self._check_kwargs(uncond_kwargs, "uncond_kwargs") if uncond_kwargs is not None else self.uncond_kwargs,
+        )
+        return self._generate("sample", x_T, shape, seed, noise, batch_offset, device, return_trajectory, progress, kwargs)
 
     def decode(
         self,
@@ -246,7 +266,9 @@ class FusedSampler:
         """x_T -> x_0 with the deterministic process (eta = 0), the inverse of ``encode``."""
         if x_T is None:
             raise ValueError("x_T: decode needs a latent tensor")
-        return self._generate("decode", x_T, None, None, None, 0, device, return_trajectory, progress)
+        return self._generate(
+            "decode", x_T, None, None, None, 0, device, return_trajectory, progress, (self.model_kwargs, self.uncond_kwargs)
+        )
 
     def encode(
         self,
@@ -268,8 +290,15 @@ class FusedSampler:
                 f"eta: encode is DDIM inversion, defined only for the deterministic process (eta = 0), got eta={eff!r}; "
                 "pass encode(x0, eta=0) or build the sampler with eta=0"
             )
+        if self.prediction == "x0":
+            raise ValueError(
+                'prediction: encode needs eps at the clean starting point (alpha = 1), which an "x0" model cannot '
+                'give (eps = (x - x0) / 0 there); use an "epsilon" or "v" model'
+            )
         x0 = self._check_latent(x0, "x0")
-        return self._generate("encode", x0, None, None, None, 0, device, return_trajectory, progress)
+        return self._generate(
+            "encode", x0, None, None, None, 0, device, return_trajectory, progress, (self.model_kwargs, self.uncond_kwargs)
+        )
 
     # -- preparation --------------------------------------------------------------------------
     @staticmethod
@@ -281,6 +310,42 @@ class FusedSampler:
         if isinstance(clip_x0, (int, float)) and math.isfinite(clip_x0) and clip_x0 > 0:
             return float(clip_x0)
         raise ValueError(f"clip_x0: expected None, True (clamp x0 to [-1, 1]) or a positive float, got {clip_x0!r}")
+
+    @staticmethod
+    def _check_kwargs(kwargs, name: str) -> Dict[str, Any]:
+        if kwargs is None:
+            return {}
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise TypeError(f"{name}: expected a dict of keyword arguments for the model, got {type(kwargs).__name__}")
+        return dict(kwargs)
+
+    def _prepare_kwargs(self, kwargs, B: int, device: torch.device) -> Dict[str, Any]:
+        """The model's keyword arguments on ``device``; with guidance, [conditional, unconditional] batched."""
+        cond, uncond = kwargs
+        cond = {k: v.to(device) if torch.is_tensor(v) else v for k, v in cond.items()}
+        if self.guidance_scale is None:
+            return cond
+        uncond = {k: v.to(device) if torch.is_tensor(v) else v for k, v in uncond.items()}
+        if set(cond) != set(uncond):
+            raise ValueError(
+                f"uncond_kwargs: guidance needs the same keys as model_kwargs, got {sorted(uncond)} vs {sorted(cond)}"
+            )
+        merged = {}
+        for key, c in cond.items():
+            u = uncond[key]
+            if torch.is_tensor(c) and c.ndim >= 1 and c.shape[0] == B:
+                if not torch.is_tensor(u) or u.shape != c.shape:
+                    got = tuple(u.shape) if torch.is_tensor(u) else type(u).__name__
+                    raise ValueError(f"uncond_kwargs[{key!r}]: expected shape {tuple(c.shape)} like model_kwargs, got {got}")
+                merged[key] = torch.cat([c, u.to(c.dtype)], dim=0)
+            elif torch.is_tensor(c) and torch.is_tensor(u) and torch.equal(c, u) or (not torch.is_tensor(c) and c == u):
+                merged[key] = c  # shared, non-batched argument
+            else:
+                raise ValueError(
+                    f"model_kwargs[{key!r}]: with guidance, a conditioning argument must be a tensor of batch size {B} "
+                    "(or equal in model_kwargs and uncond_kwargs)"
+                )
+        return merged
 
     @staticmethod
     def _check_latent(x, name: str) -> torch.Tensor:
@@ -307,11 +372,12 @@ class FusedSampler:
             self._device_cache[key] = self._tables64[kind].to(device=device, dtype=torch.float32)
         return self._device_cache[key]
 
-    def _plan(self, kind, B, device, seed, batch_offset, noise) -> _Plan:
+    def _plan(self, kind, B, device, seed, batch_offset, noise, kwargs=None) -> _Plan:
         table_kind = kind
         tau = self._tau if kind == "encode" else self._tau[::-1]
         t_host = np.ascontiguousarray(tau)
-        t_steps = torch.as_tensor(t_host, device=device)[:, None].expand(-1, B).contiguous()
+        guided = self.guidance_scale is not None
+        t_steps = torch.as_tensor(t_host, device=device)[:, None].expand(-1, 2 * B if guided else B).contiguous()
         table64 = self._tables64[table_kind]
         stochastic = tuple(bool(s > 0) for s in table64[:, 4].tolist())
         seed_t = torch.tensor([int(seed or 0), int(batch_offset)], dtype=torch.int64, device=device)
@@ -325,9 +391,11 @@ class FusedSampler:
             noise=noise,
             backend=ops.resolve_backend(self.backend, device),
             model_dtype=self._model_dtype(device),
+            model_kwargs=self._prepare_kwargs(kwargs or ({}, {}), B, device),
+            guidance_scale=self.guidance_scale,
         )
 
-    def _generate(self, kind, x_T, shape, seed, noise, batch_offset, device, return_trajectory, progress):
+    def _generate(self, kind, x_T, shape, seed, noise, batch_offset, device, return_trajectory, progress, kwargs=None):
         S = self.num_steps
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63):
             raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
@@ -362,14 +430,15 @@ class FusedSampler:
                 raise ValueError(f"noise: expected shape (S={S}, *{shape}) = {(S, *shape)}, got {got}")
             noise = noise.to(device=dev, dtype=torch.float32).contiguous()
 
+        plan = self._plan(kind, shape[0], dev, seed, batch_offset, noise, kwargs)
         if x_T is None:
-            x_start = reference.gaussian(seed, shape, step=0, stream=reference.STREAM_X_T, sample_offset=batch_offset, device=dev)
+            x_start = ops.gaussian(
+                seed, shape, stream=reference.STREAM_X_T, sample_offset=batch_offset, device=dev, backend=plan.backend
+            )
         else:
             x_start = x_T.detach().to(device=dev, dtype=torch.float32)
             if not bool(torch.isfinite(x_start).all()):
                 raise ValueError(f"{'x0' if kind == 'encode' else 'x_T'}: contains NaN or infinite values")
-
-        plan = self._plan(kind, shape[0], dev, seed, batch_offset, noise)
         with torch.inference_mode():
             graph_runner = self._graph_runner(dev)
             result = graph_runner.run(self, plan, x_start, return_trajectory) if graph_runner is not None else None
@@ -393,11 +462,19 @@ class FusedSampler:
             x0s = None
         xs[0].copy_(x_start)
         flags = torch.zeros((S, shape[0]), dtype=torch.float32, device=dev)
-        x_model = None
+        guided = plan.guidance_scale is not None
+        model_shape = (2 * shape[0], *shape[1:]) if guided else shape  # [conditional; unconditional]
+        x_model = guided_out = None
         if self._use_channels_last(dev, shape):
-            x_model = torch.empty(shape, dtype=torch.float32, device=dev).contiguous(memory_format=torch.channels_last)
-        model_out = torch.empty(shape, dtype=plan.model_dtype or torch.float32, device=dev)
-        return _Buffers(xs=xs, x0s=x0s, flags=flags, record=record, x_model=x_model, model_out=model_out)
+            x_model = torch.empty(model_shape, dtype=torch.float32, device=dev).contiguous(memory_format=torch.channels_last)
+        elif guided:
+            x_model = torch.empty(model_shape, dtype=torch.float32, device=dev)
+        if guided:
+            guided_out = torch.empty(shape, dtype=torch.float32, device=dev)
+        model_out = torch.empty(model_shape, dtype=plan.model_dtype or torch.float32, device=dev)
+        return _Buffers(
+            xs=xs, x0s=x0s, flags=flags, record=record, x_model=x_model, model_out=model_out, guided_out=guided_out
+        )
 
     def _use_channels_last(self, device: torch.device, shape) -> bool:
         if len(shape) != 4 or self.channels_last is False:
@@ -429,13 +506,18 @@ class FusedSampler:
             for k in steps:
                 x_cur, x_next = bufs.slot(k)
                 x_in = x_cur
-                if bufs.x_model is not None:  # channels_last copy of the state for the model
-                    bufs.x_model.copy_(x_cur)
+                if bufs.x_model is not None:  # channels_last and/or [cond; uncond] copy of x_t for the model
+                    bufs.x_model.unflatten(0, (-1, x_cur.shape[0])).copy_(x_cur.unsqueeze(0).expand(len(bufs.x_model) // len(x_cur), *x_cur.shape))
                     x_in = bufs.x_model
-                out = self.adapter(x_in, plan.t_steps[k], k, int(plan.t_host[k]))
+                out = self.adapter(x_in, plan.t_steps[k], k, int(plan.t_host[k]), plan.model_kwargs)
                 if not out.is_contiguous():
                     bufs.model_out.copy_(out)
                     out = bufs.model_out
+                if plan.guidance_scale is not None:  # classifier-free guidance, in float32, no allocation
+                    B = x_cur.shape[0]
+                    g = bufs.guided_out
+                    g.copy_(out[:B]).sub_(out[B:]).mul_(plan.guidance_scale).add_(out[B:])
+                    out = g
                 torch.sum(out.reshape(out.shape[0], -1), dim=1, dtype=torch.float32, out=bufs.flags[k])
                 ops.step(
                     x_cur,
@@ -496,6 +578,7 @@ class _Buffers:
     record: bool
     x_model: Optional[torch.Tensor] = None  # channels_last copy of x_t fed to the model
     model_out: Optional[torch.Tensor] = None  # contiguous copy of a strided model output
+    guided_out: Optional[torch.Tensor] = None  # float32 eps_u + s (eps_c - eps_u) under guidance
 
     def slot(self, k: int):
         if self.record:

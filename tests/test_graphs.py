@@ -5,35 +5,9 @@ import warnings
 import pytest
 import torch
 
-from _utils import assert_close
+from _utils import EagerReplayCapturer, assert_close
 from ddim_fast import FusedSampler, NoiseSchedule
 from ddim_fast.graphs import GraphCache, graph_key
-
-
-class EagerReplayCapturer:
-    """Stands in for CUDA graphs on the CPU: 'capture' records the loop, 'replay' reruns it eagerly
-    on the same static buffers, so everything but the CUDA calls themselves is exercised."""
-
-    device_types = frozenset({"cpu"})
-
-    def __init__(self, fail_with=None):
-        self.fail_with = fail_with
-        self.warmups = self.captures = self.replays = 0
-
-    def warmup(self, fn):
-        self.warmups += 1
-        fn()
-
-    def capture(self, fn):
-        self.captures += 1
-        if self.fail_with is not None:
-            raise self.fail_with
-
-        def replay():
-            self.replays += 1
-            fn()
-
-        return replay
 
 
 class SmallConvModel(torch.nn.Module):
@@ -145,9 +119,9 @@ def test_no_allocation_of_state_per_step(model):
     seen = set()
     orig = s.adapter.__call__
 
-    def spy(x, t, step, timestep):
+    def spy(x, t, step, timestep, kwargs):
         seen.add(x.data_ptr())
-        return orig(x, t, step, timestep)
+        return orig(x, t, step, timestep, kwargs)
 
     s.adapter = spy
     s._loop(plan, bufs)
