@@ -102,6 +102,9 @@ def _providers(eta: float, op) -> dict:
         "cpp-op": lambda: op(x, eps, coef, K, seed, pred, 0.0, stochastic, None, out, None),
         "cpp-op-inplace": lambda: op(x_work, eps, coef, K, seed, pred, 0.0, stochastic, None, x_work, None),
         "ops.step": lambda: ops.step(x, eps, coef, K, seed, pred, 0.0, stochastic, None, out, None, "cpp"),
+        # what FusedSampler's eager loop calls (no custom-op dispatch), in place as the loop runs it
+        "sampler-path": lambda: ops.fused_step(x_work, eps, coef, K, seed, pred, 0.0, stochastic, None, x_work, None, "cpp"),
+        "reference": lambda: reference.fused_step(x, eps, coef, K, seed, pred, 0.0, stochastic, None, out, None),
         "diffusers": (
             (lambda: scheduler.step(eps, t, x, eta=eta, generator=gen)) if stochastic else (lambda: scheduler.step(eps, t, x, eta=0.0))
         ),
@@ -113,8 +116,9 @@ def _providers(eta: float, op) -> dict:
     return fns
 
 
-CASES = [(0.0, p) for p in ("cpp-op", "cpp-op-inplace", "ops.step", "diffusers", "torch.add")]
-CASES += [(1.0, p) for p in ("cpp-op", "cpp-op-inplace", "ops.step", "diffusers", "torch.randn")]
+_COMMON = ("cpp-op", "cpp-op-inplace", "sampler-path", "ops.step", "reference", "diffusers")
+CASES = [(0.0, p) for p in (*_COMMON, "torch.add")]
+CASES += [(1.0, p) for p in (*_COMMON, "torch.randn")]
 
 
 @pytest.mark.parametrize("eta, provider", CASES, ids=[f"eta{eta:g}-{p}" for eta, p in CASES])
