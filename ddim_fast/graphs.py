@@ -71,6 +71,7 @@ def graph_key(sampler, plan, x_start: torch.Tensor, record: bool) -> tuple:
         bool(record),
         plan.noise is not None,
         plan.guidance_scale,
+        plan.solver,
         tuple(
             (k, (tuple(v.shape), str(v.dtype), str(v.device)) if torch.is_tensor(v) else repr(v))
             for k, v in sorted(plan.model_kwargs.items())

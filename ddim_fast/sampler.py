@@ -227,8 +227,8 @@ class FusedSampler:
 
     def __repr__(self) -> str:
         return (
-            f"FusedSampler(steps={self.num_steps}, eta={self.eta!r}, skip={self.skip!r}, prediction={self.prediction!r}, "
-            f"backend={self.backend!r}, precision={self.precision!r}, schedule={self.schedule!r})"
+            f"FusedSampler(steps={self.num_steps}, solver={self.solver!r}, eta={self.eta!r}, skip={self.skip!r}, "
+            f"prediction={self.prediction!r}, backend={self.backend!r}, precision={self.precision!r}, schedule={self.schedule!r})"
         )
 
     # -- public API -------------------------------------------------------------------------
@@ -271,7 +271,7 @@ class FusedSampler:
         return_trajectory: bool = False,
         progress: bool = False,
     ):
-        """x_T -> x_0 with the deterministic process (eta = 0), the inverse of ``encode``."""
+        """x_T -> x_0 with the deterministic process (eta = 0) and the sampler's solver, the inverse of ``encode``."""
         if x_T is None:
             raise ValueError("x_T: decode needs a latent tensor")
         return self._generate(
@@ -288,6 +288,11 @@ class FusedSampler:
         progress: bool = False,
     ):
         """x_0 -> x_T by DDIM inversion along tau (the ODE of Eq. 14 integrated forward in t).
+
+        This is DDIM inversion whatever the ``solver``: a multistep method run backwards is not
+        its own inverse, and its first step would start at alpha = 1 with no history. With a
+        multistep solver, decode(encode(x0)) therefore pairs a first-order encoding with a
+        higher-order decoding; both approximate the same ODE.
 
         Inversion exists only for the deterministic process: ``eta`` (the sampler's when not
         given) must be 0.
@@ -387,7 +392,9 @@ class FusedSampler:
         guided = self.guidance_scale is not None
         t_steps = torch.as_tensor(t_host, device=device)[:, None].expand(-1, 2 * B if guided else B).contiguous()
         table64 = self._tables64[table_kind]
-        stochastic = tuple(bool(s > 0) for s in table64[:, 4].tolist()) if table_kind != "multistep" else (False,) * len(t_host)
+        stochastic = (False,) * len(t_host)  # multistep solvers are deterministic
+        if table_kind != "multistep":
+            stochastic = tuple(bool(s > 0) for s in table64[:, 4].tolist())
         seed_t = torch.tensor([int(seed or 0), int(batch_offset)], dtype=torch.int64, device=device)
         return _Plan(
             kind=kind,
