@@ -145,7 +145,7 @@ def select_timesteps(T: int, steps: int, skip: Union[str, Sequence[int]] = "unif
         elif skip == "linspace":
             tau = np.linspace(0, T - 1, S).round().astype(np.int64)
         elif skip == "logsnr":
-            raise ValueError('skip: "logsnr" needs the schedule; use select_timesteps_logsnr')
+            raise ValueError('skip: "logsnr" needs the schedule; use ddim_fast.solvers.logsnr_timesteps(schedule, steps)')
         else:
             raise ValueError(f"skip: expected one of {SKIP_TYPES} or a sequence of timesteps, got {skip!r}")
         return np.unique(tau)
