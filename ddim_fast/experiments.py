@@ -63,8 +63,8 @@ TABLE2_STEPS = (10, 20, 50, 100, 200, 500, 1000)
 TIMING_STEPS = (10, 20, 50, 100, 200, 500, 1000)
 DEFAULT_OUT_DIR = os.path.join("docs", "results")
 
-# Table 1 of the paper (FID, 50k samples; CIFAR10 used the "quad" tau, CelebA "uniform"),
-# as transcribed in the slides (seeds/003). Rows: eta; "ddpm_large" is sigma-hat.
+# Table 1 of the paper (FID of 50k samples), as transcribed in the slides (seeds/003).
+# Rows: eta; "ddpm_large" is sigma-hat.
 PAPER_TABLE1 = {
     "CIFAR10 (32x32)": {
         0.0: (13.36, 6.84, 4.67, 4.16, 4.04),
@@ -82,7 +82,8 @@ PAPER_TABLE1 = {
     },
 }
 # Table 2 of the paper (CIFAR-10 test set, per-dimension MSE in [0, 1]). Not in the seed copy
-# (its tables were lost in extraction); these are the published values (arXiv 2010.02502v4).
+# (its tables were lost in extraction): quoted from the published paper (arXiv 2010.02502),
+# to be checked against it.
 PAPER_TABLE2 = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009, 200: 0.0004, 500: 0.0001, 1000: 0.0001}
 
 
