@@ -122,27 +122,8 @@ def _multistep_kernel(
 # launcher
 # --------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def is_interpreted() -> bool:
-    """True when this module's kernel runs in Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_multistep_kernel).__name__ == "InterpretedFunction"
-
-
-def _check_device(device: torch.device, what: str) -> None:
-    if device.type == "cuda" or (device.type == "cpu" and is_interpreted()):
-        return
-    hint = " (set TRITON_INTERPRET=1 before importing triton to run it on CPU tensors)" if device.type == "cpu" else ""
-    raise RuntimeError(f"ddim_fast Triton kernel: {what} is on {device}, which this kernel cannot run on{hint}")
-
-
-def _device_ctx(device: torch.device):
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    import contextlib
-
-    return contextlib.nullcontext()
+# Shared with the DDIM kernel's launcher (same device rules, dtypes and interpreter check).
+from .ddim_step import _FLOAT_DTYPES, _check_device, _device_ctx, is_interpreted  # noqa: E402
 
 
 def multistep_step(
