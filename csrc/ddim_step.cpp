@@ -19,6 +19,16 @@
 // reference.fused_step). Importing the built module only runs the registration
 // (the FlashAttention-3 flash_api.cpp pattern: an empty Python module init).
 //
+// The same file has the fused multistep step of ddim_fast/solvers.py (DPM-Solver++(2M)/(3M)),
+// torch.ops.ddim_fast_C.multistep_step (same positional arguments as solvers.multistep_step):
+//
+//     x0     = (x_t - sqrt(1 - a_t) m) / sqrt(a_t) | sqrt(a_t) x_t - sqrt(1 - a_t) m | m,
+//              clamped when clip > 0, stored in ring slot step % H (and x0_out)
+//     x_next = c_x x_t + c_0 x0 + c_1 x0_{k-1} + c_2 x0_{k-2}   (ring terms read only where c != 0)
+//
+// in the reference's float32 operations and order, so its results are the reference's bits
+// (multistep_cpu says why it does not fold the row as the DDIM step does).
+//
 // Precision and speed choices (measured on the 2-core AMD EPYC (Zen 4, AVX-512) dev box,
 // 64x3x32x32 float32, 2 threads, a shared and busy machine: see bench/test_bench_step.py):
 // - Arithmetic is float32 whatever the storage dtype (fp32/bf16/fp16 in and out).
@@ -561,6 +571,105 @@ DDIM_TARGET_CLONES void noise_range(float* z, int64_t begin, int64_t end, int64_
 }
 
 // ----------------------------------------------------------------------------------------
+// The fused multistep step (DPM-Solver++(2M)/(3M), ddim_fast/solvers.py; issue 8).
+// ----------------------------------------------------------------------------------------
+
+struct MultistepArgs {
+  const void* x;
+  const void* m;
+  Dtype xt, mt;
+  float* out;         // x_next, float32, dense (may be x itself)
+  float* hw;          // ring slot step % H: x0_k
+  float* x0;          // copy of x0_k; null: not wanted
+  const float* h1;    // ring slot of x0_{k-1}; null: not read (H < 2, or c_1 = 0)
+  const float* h2;    // ring slot of x0_{k-2}; null: not read (H < 3, or c_2 = 0)
+  bool zero1, zero2;  // the ring term exists but its coefficient is 0: the reference adds +0
+  int prediction;     // 0 epsilon, 1 v, 2 x0
+  bool clip;
+  float sa, s1m, c_x, c_0, c_1, c_2, lo, hi;
+};
+
+// Pass 1 of a tile: x0 (the reference's operations, in its order) into the ring slot, and
+// x_next = c_x x + c_0 x0 into out. out and hw may be the very memory of x or m (each
+// element is read before it is written, at the same index), hence ivdep, not restrict.
+template <int kPred, bool kClip>
+DDIM_INLINE void multistep_tile(const float* x, const float* m, float* out, float* hw, int64_t n,
+                                const MultistepArgs& a) {
+  const float sa = a.sa, s1m = a.s1m, cx = a.c_x, c0 = a.c_0, lo = a.lo, hi = a.hi;
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    const float xi = x[i], mi = m[i];
+    float x0;
+    if constexpr (kPred == 0)
+      x0 = (xi - s1m * mi) / sa;  // a true division: the reference's bits (see the note in multistep_cpu)
+    else if constexpr (kPred == 1)
+      x0 = sa * xi - s1m * mi;
+    else
+      x0 = mi;
+    if constexpr (kClip) {
+      x0 = x0 < lo ? lo : x0;  // NaN stays NaN, as torch.clamp
+      x0 = x0 > hi ? hi : x0;
+    }
+    const float v = cx * xi + c0 * x0;
+    hw[i] = x0;
+    out[i] = v;
+  }
+}
+
+// Later passes over the tile (in L1): + c h[i], or + 0 where the reference adds a masked-off
+// term (it turns -0 into +0; nothing is read).
+DDIM_INLINE void multistep_add_term(float* out, const float* h, float c, int64_t n) {
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) out[i] = out[i] + c * h[i];
+}
+
+DDIM_INLINE void multistep_add_zero(float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = out[i] + 0.0f;
+}
+
+template <int kPred>
+DDIM_INLINE void multistep_tile_clip(const float* x, const float* m, float* out, float* hw, int64_t n,
+                                     const MultistepArgs& a) {
+  if (a.clip)
+    multistep_tile<kPred, true>(x, m, out, hw, n, a);
+  else
+    multistep_tile<kPred, false>(x, m, out, hw, n, a);
+}
+
+// Elements [begin, end), compiled once per ISA level (target_clones) as step_range.
+DDIM_TARGET_CLONES void multistep_range(const MultistepArgs& a, int64_t begin, int64_t end) {
+  alignas(64) float bx[kTile], bm[kTile];
+  for (int64_t e0 = begin; e0 < end; e0 += kTile) {
+    const int64_t n = std::min(kTile, end - e0);
+    const float* x = load_tile(a.x, a.xt, e0, n, bx);
+    const float* m = load_tile(a.m, a.mt, e0, n, bm);
+    float* out = a.out + e0;
+    float* hw = a.hw + e0;
+    switch (a.prediction) {
+      case 0:
+        multistep_tile_clip<0>(x, m, out, hw, n, a);
+        break;
+      case 1:
+        multistep_tile_clip<1>(x, m, out, hw, n, a);
+        break;
+      default:
+        multistep_tile_clip<2>(x, m, out, hw, n, a);
+        break;
+    }
+    // x_next = ((c_x x + c_0 x0_k) + c_1 x0_{k-1}) + c_2 x0_{k-2}, the reference's order.
+    if (a.h1 != nullptr)
+      multistep_add_term(out, a.h1 + e0, a.c_1, n);
+    else if (a.zero1)
+      multistep_add_zero(out, n);
+    if (a.h2 != nullptr)
+      multistep_add_term(out, a.h2 + e0, a.c_2, n);
+    else if (a.zero2)
+      multistep_add_zero(out, n);
+    if (a.x0 != nullptr) std::memcpy(a.x0 + e0, hw, static_cast<size_t>(n) * sizeof(float));
+  }
+}
+
+// ----------------------------------------------------------------------------------------
 // Host side: argument checks, the coefficient fold, the parallel split.
 // ----------------------------------------------------------------------------------------
 
@@ -596,7 +705,10 @@ void parallel_tiles(int64_t tiles, int64_t grain, int64_t chunk, const F& fn) {
   });
 }
 
-Dtype float_dtype(const at::Tensor& t, const char* name) {
+constexpr const char* kStepOp = "ddim_fast_C::step";
+constexpr const char* kMultistepOp = "ddim_fast_C::multistep_step";
+
+Dtype float_dtype(const at::Tensor& t, const char* name, const char* op = kStepOp) {
   switch (t.scalar_type()) {
     case at::kFloat:
       return Dtype::kF32;
@@ -605,16 +717,14 @@ Dtype float_dtype(const at::Tensor& t, const char* name) {
     case at::kHalf:
       return Dtype::kF16;
     default:
-      TORCH_CHECK(false, "ddim_fast_C::step: ", name, " must be float32, bfloat16 or float16, got ",
-                  t.scalar_type());
+      TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
   }
   return Dtype::kF32;
 }
 
-void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "ddim_fast_C::step: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.sizes() == x.sizes(), "ddim_fast_C::step: ", name, " must have the shape of x ", x.sizes(), ", got ",
-              t.sizes());
+void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name, const char* op = kStepOp) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
 }
 
 NoiseKey make_key(const at::Tensor& seed, int64_t step, int64_t stream) {
@@ -750,6 +860,117 @@ void step_cpu(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor
 void step_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, int64_t, double,
                bool, const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&) {}
 
+// One fused multistep step: the contract of solvers.multistep_step (x_next into out, x0_k into
+// ring slot step % H and, when given, x0_out; x0_{k-1}, x0_{k-2} read from the slots before it
+// only where their coefficient is non-zero). The table row is read here, at each call, from
+// coef's memory (as step_cpu does), never cached.
+//
+// Unlike step_cpu this does not fold the row: the elements go through the reference's float32
+// operations in its order, the division by sqrt(a_t) included, so that backend="cpp" gives the
+// reference's (and the interpreted Triton kernel's) bits and a sampler's trajectory does not
+// depend on the backend. (-ffp-contract=off: no FMA contraction.)
+void multistep_cpu(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& coef, int64_t step,
+                   int64_t prediction, double clip, const at::Tensor& history, const at::Tensor& out,
+                   const std::optional<at::Tensor>& x0_out) {
+  const char* op = kMultistepOp;
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have a batch dimension, got a 0-d tensor");
+  check_like_x(model_out, x, "model_out", op);
+  check_like_x(out, x, "out", op);
+  MultistepArgs a{};
+  a.xt = float_dtype(x, "x", op);
+  a.mt = float_dtype(model_out, "model_out", op);
+  TORCH_CHECK(out.scalar_type() == at::kFloat, op, ": out must be float32, got ", out.scalar_type());
+  const bool has_x0 = x0_out.has_value();
+  if (has_x0) {
+    check_like_x(*x0_out, x, "x0_out", op);
+    TORCH_CHECK(x0_out->scalar_type() == at::kFloat, op, ": x0_out must be float32, got ", x0_out->scalar_type());
+  }
+  TORCH_CHECK(history.device().is_cpu(), op, ": history must be a CPU tensor, got ", history.device());
+  TORCH_CHECK(history.scalar_type() == at::kFloat, op, ": history must be float32, got ", history.scalar_type());
+  TORCH_CHECK(history.dim() == x.dim() + 1 && history.size(0) >= 1 && history.size(0) <= 3 &&
+                  history.sizes().slice(1) == x.sizes(),
+              op, ": history must have shape (H, *x.shape) with H in 1..3, x.shape = ", x.sizes(), ", got ",
+              history.sizes());
+  TORCH_CHECK(history.is_contiguous(), op, ": history must be contiguous (the sampler's ring buffer), got strides ",
+              history.strides());
+  TORCH_CHECK(coef.device().is_cpu(), op, ": coef must be a CPU tensor, got ", coef.device());
+  TORCH_CHECK(coef.scalar_type() == at::kFloat, op, ": coef must be float32, got ", coef.scalar_type());
+  TORCH_CHECK(coef.dim() == 2 && coef.size(1) == 6, op,
+              ": coef must have shape (S, 6) (solvers.MULTISTEP_COLUMNS), got ", coef.sizes());
+  TORCH_CHECK(step >= 0 && step < coef.size(0), op, ": step ", step, " out of range for coef with ", coef.size(0),
+              " rows");
+  TORCH_CHECK(prediction >= 0 && prediction <= 2, op, ": prediction must be 0 (epsilon), 1 (v) or 2 (x0), got ",
+              prediction);
+
+  const int64_t H = history.size(0);
+  const int64_t w = step % H, p1 = (step + H - 1) % H, p2 = (step + 2 * H - 2) % H;  // solvers.history_slots
+
+  // In-place use (out is x) is fine; a partial overlap would read already-written elements.
+  // The ring is written (slot w) and read (the others): no output may share its memory.
+  at::assert_no_partial_overlap(out, x);
+  at::assert_no_partial_overlap(out, model_out);
+  at::assert_no_overlap(out, history);
+  const at::Tensor slot_w = history.select(0, w);
+  at::assert_no_partial_overlap(slot_w, x);
+  at::assert_no_partial_overlap(slot_w, model_out);
+  if (has_x0) {
+    at::assert_no_overlap(out, *x0_out);
+    at::assert_no_overlap(*x0_out, history);
+    at::assert_no_partial_overlap(*x0_out, x);
+    at::assert_no_partial_overlap(*x0_out, model_out);
+  }
+
+  const float* row = coef.const_data_ptr<float>() + step * coef.stride(0);
+  const int64_t cs = coef.stride(1);
+  a.sa = row[0];
+  a.s1m = row[cs];
+  a.c_x = row[2 * cs];
+  a.c_0 = row[3 * cs];
+  a.c_1 = row[4 * cs];
+  a.c_2 = row[5 * cs];
+  a.prediction = static_cast<int>(prediction);
+  a.clip = clip > 0.0;
+  a.lo = -static_cast<float>(clip);
+  a.hi = static_cast<float>(clip);
+
+  const int64_t numel = x.numel();
+  if (numel == 0) return;
+  const at::Tensor xc = x.contiguous(), mc = model_out.contiguous();
+  // Non-contiguous outputs are computed into a dense buffer and copied back.
+  const at::Tensor oc = out.is_contiguous() ? out : at::empty_like(out, at::MemoryFormat::Contiguous);
+  at::Tensor x0c;
+  if (has_x0) x0c = x0_out->is_contiguous() ? *x0_out : at::empty_like(*x0_out, at::MemoryFormat::Contiguous);
+  float* ring = history.mutable_data_ptr<float>();
+  a.x = xc.const_data_ptr();
+  a.m = mc.const_data_ptr();
+  a.out = oc.mutable_data_ptr<float>();
+  a.x0 = has_x0 ? x0c.mutable_data_ptr<float>() : nullptr;
+  a.hw = ring + w * numel;
+  if (H >= 2) {
+    if (a.c_1 != 0.0f)  // (a NaN coefficient reads, as the reference's where(c_1 != 0, ...))
+      a.h1 = ring + p1 * numel;
+    else
+      a.zero1 = true;
+  }
+  if (H >= 3) {
+    if (a.c_2 != 0.0f)
+      a.h2 = ring + p2 * numel;
+    else
+      a.zero2 = true;
+  }
+
+  const int64_t tiles = (numel + kTile - 1) / kTile;
+  parallel_tiles(tiles, kGrainPlain, kChunkPlain,
+                 [&](int64_t t0, int64_t t1) { multistep_range(a, t0 * kTile, std::min(t1 * kTile, numel)); });
+
+  if (!oc.is_same(out)) out.copy_(oc);
+  if (has_x0 && !x0c.is_same(*x0_out)) x0_out->copy_(x0c);
+}
+
+void multistep_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double,
+                    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {}
+
 // Noise of the contract for `shape` = (B, ...): reference.gaussian(seed[0], shape, step=step,
 // stream=stream, sample_offset=seed[1]) on its own (tests; x_T draws use stream 0).
 // portable=True forces the plain C++ generator (tests check it gives the AVX-512 bits).
@@ -779,16 +1000,21 @@ TORCH_LIBRARY(ddim_fast_C, m) {
       "step(Tensor x, Tensor model_out, Tensor coef, int step, Tensor seed, int prediction, float clip, "
       "bool stochastic, Tensor? noise, Tensor(a!) out, Tensor(b!)? x0_out) -> ()");
   m.def("gaussian(Tensor seed, int[] shape, int step=0, int stream=1, bool portable=False) -> Tensor");
+  m.def(
+      "multistep_step(Tensor x, Tensor model_out, Tensor coef, int step, int prediction, float clip, "
+      "Tensor(a!) history, Tensor(b!) out, Tensor(c!)? x0_out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ddim_fast_C, CPU, m) {
   m.impl("step", &step_cpu);
   m.impl("gaussian", &gaussian_cpu);
+  m.impl("multistep_step", &multistep_cpu);
 }
 
 TORCH_LIBRARY_IMPL(ddim_fast_C, Meta, m) {
   m.impl("step", &step_meta);
   m.impl("gaussian", &gaussian_meta);
+  m.impl("multistep_step", &multistep_meta);
 }
 
 }  // namespace ddim_fast

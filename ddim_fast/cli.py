@@ -2,6 +2,7 @@
 
     ddim-fast sample --steps 50 --eta 0 --n 64 --seed 0 --out grid.png    # the embedded digits model
     ddim-fast sample --ckpt runs/digits --npz samples.npz --out grid.png  # a training run's EMA model
+    ddim-fast sample --solver dpmpp_3m --steps 10 --skip logsnr         # DPM-Solver++(3M): S = 10
     ddim-fast train --data digits --out runs/digits --steps 12000         # L_simple, EMA, checkpoints
     ddim-fast train --out runs/digits --resume --steps 20000              # continue a run exactly
     torchrun --nproc_per_node 2 -m ddim_fast.cli train ...                # data-parallel training
@@ -47,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of a training checkpoint")
     s.add_argument("--steps", type=int, default=50, help="number of sampling steps S (default 50)")
     s.add_argument("--eta", default="0", help='0 = DDIM, 1 = DDPM posterior variance, or "ddpm_large"')
-    s.add_argument("--skip", type=_skip, default="uniform", help="uniform | quad | trailing | linspace | t1,t2,... (default uniform)")
+    s.add_argument("--skip", type=_skip, default="uniform",
+                   help="uniform | quad | trailing | linspace | logsnr | t1,t2,... (default uniform)")
+    s.add_argument("--solver", default="ddim", choices=("ddim", "dpmpp_2m", "dpmpp_3m"),
+                   help="ddim (Eq. 12, any eta) or a multistep ODE solver: dpmpp_2m | dpmpp_3m (eta 0; see README)")
     s.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--nrow", type=int, default=None, help="images per grid row (default: a square grid)")
@@ -155,7 +159,7 @@ def _cmd_sample(args) -> int:
     model, schedule = load_model(args.ckpt, device=args.device, weights=args.weights)
     cfg = model.config
     shape = (args.n, cfg["in_channels"], cfg["resolution"], cfg["resolution"])
-    sampler = FusedSampler(model, schedule=schedule, steps=args.steps, eta=eta, skip=args.skip,
+    sampler = FusedSampler(model, schedule=schedule, steps=args.steps, eta=eta, skip=args.skip, solver=args.solver,
                            backend=args.backend, precision=args.precision)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -166,7 +170,7 @@ def _cmd_sample(args) -> int:
     if args.npz:
         save_npz(x, args.npz)
     print(f"wrote {args.out} ({args.n} images {shape[1]}x{shape[2]}x{shape[3]}, {len(sampler.timesteps)} steps, "
-          f"eta={eta}, {dt:.2f} s)" + (f" and {args.npz}" if args.npz else ""))
+          f"{args.solver if args.solver != 'ddim' else f'eta={eta}'}, {dt:.2f} s)" + (f" and {args.npz}" if args.npz else ""))
     return 0
 
 
@@ -186,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError) as e:  # our ValueErrors name the bad argument
         print(f"ddim-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
 

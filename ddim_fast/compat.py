@@ -12,6 +12,13 @@ Correspondences with ``DDIMScheduler`` (and the DDPM/DPM-Solver schedulers' shar
 | clip_sample=True, clip_sample_range=r       | clip_x0=r                                             |
 | set_alpha_to_one=True                       | always: the last step lands on alpha = 1 (paper's alpha_0 := 1) |
 
+``DPMSolverMultistepScheduler`` (algorithm_type="dpmsolver++", solver_type="midpoint",
+final_sigmas_type="zero", no Karras/exponential/beta/Lu/flow sigmas) maps to
+``solver="dpmpp_2m"`` (solver_order=2), ``"dpmpp_3m"`` (3) or ``"ddim"`` (1, the same update),
+with its own timesteps for linspace/leading/trailing (computed here as diffusers does, passed as
+an explicit tau) and its lower-order warm-up and final steps; other DPM-Solver variants are
+refused with the option that differs.
+
 Deliberate differences: diffusers takes the previous timestep as ``t - T // S`` (a stride),
 we take it from tau itself, so non-uniform spacings get the right alpha_prev; with
 ``set_alpha_to_one=False`` diffusers' last step lands on alpha[0] instead of 1 (a difference of
@@ -24,9 +31,14 @@ from typing import Any, Dict
 
 import numpy as np
 
-__all__ = ["schedule_from_diffusers", "sampler_options_from_diffusers", "config_of"]
+__all__ = ["schedule_from_diffusers", "sampler_options_from_diffusers", "config_of", "scheduler_kind"]
 
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
+_DDIM_LIKE = ("DDIMScheduler", "DDPMScheduler")
+_DPM_MULTISTEP = "DPMSolverMultistepScheduler"
+# DPMSolverMultistepScheduler options that select sigma spacings or updates we do not implement.
+_DPM_UNSUPPORTED_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                          "use_flow_sigmas", "use_dynamic_shifting")
 
 
 def config_of(scheduler_or_config) -> Dict[str, Any]:
@@ -70,15 +82,46 @@ def schedule_from_diffusers(cls, scheduler_or_config):
     return schedule
 
 
-def sampler_options_from_diffusers(scheduler_or_config, steps: int) -> Dict[str, Any]:
-    """FusedSampler keyword arguments that reproduce a diffusers DDIM-style configuration."""
+def scheduler_kind(scheduler_or_config) -> str:
+    """The diffusers scheduler class a scheduler or config stands for.
+
+    A scheduler object gives its class name, a saved config its ``_class_name``; a bare config
+    dict is recognised by its keys (``algorithm_type``: DPM-Solver multistep, else DDIM-like).
+    """
     cfg = config_of(scheduler_or_config)
-    T = int(cfg.get("num_train_timesteps", 1000))
+    name = cfg.get("_class_name")
+    if name is None and hasattr(scheduler_or_config, "config"):
+        name = type(scheduler_or_config).__name__
+    if name is None:
+        name = _DPM_MULTISTEP if "algorithm_type" in cfg else "DDIMScheduler"
+    if name not in _DDIM_LIKE and name != _DPM_MULTISTEP:
+        raise ValueError(
+            f"scheduler_or_config: {name} is not supported (expected DDIMScheduler, DDPMScheduler or "
+            f"{_DPM_MULTISTEP}; the other schedulers' updates are not Eq. 12 or DPM-Solver++ multistep)"
+        )
+    return name
+
+
+def _common_options(cfg: Dict[str, Any]) -> Dict[str, Any]:
     prediction_type = cfg.get("prediction_type", "epsilon")
     if prediction_type not in _PREDICTIONS:
         raise ValueError(f"scheduler_or_config: prediction_type={prediction_type!r} is not supported")
     if cfg.get("thresholding", False):
         raise ValueError("scheduler_or_config: dynamic thresholding is not supported; use clip_x0")
+    return {"prediction": _PREDICTIONS[prediction_type]}
+
+
+def sampler_options_from_diffusers(scheduler_or_config, steps: int, alphas_cumprod=None) -> Dict[str, Any]:
+    """FusedSampler keyword arguments that reproduce a diffusers scheduler's sampling loop.
+
+    DDIM/DDPM configurations give DDIM options; a ``DPMSolverMultistepScheduler`` gives the
+    multistep solver of its order on its own timesteps. ``alphas_cumprod`` (float64, T) is needed
+    only for a DPM-Solver config with a finite ``lambda_min_clipped``.
+    """
+    if scheduler_kind(scheduler_or_config) == _DPM_MULTISTEP:
+        return _dpm_solver_options(config_of(scheduler_or_config), steps, alphas_cumprod)
+    cfg = config_of(scheduler_or_config)
+    T = int(cfg.get("num_train_timesteps", 1000))
     spacing = cfg.get("timestep_spacing", "leading")
     offset = int(cfg.get("steps_offset", 0))
     if spacing == "leading":
@@ -89,7 +132,61 @@ def sampler_options_from_diffusers(scheduler_or_config, steps: int) -> Dict[str,
         skip = spacing
     else:
         raise ValueError(f"scheduler_or_config: timestep_spacing={spacing!r} is not supported")
-    options: Dict[str, Any] = {"steps": steps, "skip": skip, "prediction": _PREDICTIONS[prediction_type]}
+    options: Dict[str, Any] = {"steps": steps, "skip": skip, **_common_options(cfg)}
     if cfg.get("clip_sample", False):
         options["clip_x0"] = float(cfg.get("clip_sample_range", 1.0))
     return options
+
+
+def _dpm_solver_options(cfg: Dict[str, Any], steps: int, alphas_cumprod) -> Dict[str, Any]:
+    """DPMSolverMultistepScheduler -> solver, explicit tau, prediction (see the module docstring)."""
+    options = _common_options(cfg)
+    expected = {"algorithm_type": "dpmsolver++", "solver_type": "midpoint", "final_sigmas_type": "zero",
+                "variance_type": None}
+    for key, want in expected.items():
+        got = cfg.get(key, want)
+        if got != want:
+            raise ValueError(f"scheduler_or_config: {key}={got!r} is not supported (expected {want!r})")
+    for key in _DPM_UNSUPPORTED_FLAGS:
+        if cfg.get(key, False):
+            hint = ' (skip="logsnr" spaces tau uniformly in log-SNR)' if key == "use_lu_lambdas" else ""
+            raise ValueError(f"scheduler_or_config: {key}=True is not supported{hint}")
+    order = int(cfg.get("solver_order", 2))
+    if order not in (1, 2, 3):
+        raise ValueError(f"scheduler_or_config: solver_order={order} is not supported (expected 1, 2 or 3)")
+    T = int(cfg.get("num_train_timesteps", 1000))
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"steps: expected an integer in [1, T={T}], got {steps!r}")
+    if order == 3 and steps < 15 and not cfg.get("lower_order_final", True):
+        # diffusers then keeps third order on the second-to-last step; ours is second order there.
+        raise ValueError("scheduler_or_config: lower_order_final=False with solver_order=3 and steps < 15 is not supported")
+    tau = _dpm_solver_timesteps(cfg, steps, T, alphas_cumprod)
+    if np.unique(tau).size != tau.size:
+        raise ValueError(
+            f"steps: {steps} steps with timestep_spacing={cfg.get('timestep_spacing', 'linspace')!r} repeat a timestep "
+            f"({tau[::-1].tolist()}); choose fewer steps or another spacing"
+        )
+    solver = {1: "ddim", 2: "dpmpp_2m", 3: "dpmpp_3m"}[order]
+    return {"steps": steps, "skip": np.sort(tau).tolist(), "solver": solver, **options}
+
+
+def _dpm_solver_timesteps(cfg: Dict[str, Any], steps: int, T: int, alphas_cumprod) -> np.ndarray:
+    """DPMSolverMultistepScheduler.set_timesteps without Karras & co: descending int64 timesteps."""
+    last = T
+    lambda_min = float(cfg.get("lambda_min_clipped", -float("inf")))
+    if lambda_min > -float("inf"):  # drop the final timesteps whose log-SNR is below the clip
+        if alphas_cumprod is None:
+            raise ValueError("alphas_cumprod: needed for a finite lambda_min_clipped")
+        a = np.asarray(alphas_cumprod, dtype=np.float64)
+        lam = 0.5 * (np.log(a) - np.log1p(-a))
+        last = T - int(np.searchsorted(lam[::-1], lambda_min))
+    spacing = cfg.get("timestep_spacing", "linspace")
+    if spacing == "linspace":
+        tau = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        tau = (np.arange(0, steps + 1) * (last // (steps + 1))).round()[::-1][:-1] + int(cfg.get("steps_offset", 0))
+    elif spacing == "trailing":
+        tau = np.arange(last, 0, -T / steps).round() - 1
+    else:
+        raise ValueError(f"scheduler_or_config: timestep_spacing={spacing!r} is not supported")
+    return tau.astype(np.int64)

@@ -3,6 +3,7 @@
     ddim-fast eval table1  [--n 500] [--max-minutes M]   FD vs S x eta, "uniform" and "quad" (Table 1)
     ddim-fast eval table2  [--n 100]                     encode -> decode MSE vs S (Table 2)
     ddim-fast eval timing                                seconds per sample vs S (Figure 4)
+    ddim-fast eval solvers [--n 1000]                    multistep solvers at S vs DDIM at 5 S (issue 8)
     ddim-fast figure consistency | interpolate | sequence             PNG grids (Figs. 5, 6, 7-8)
     torchrun --nproc_per_node W -m ddim_fast.cli sample --num-samples 50000 --npz out.npz
                                                          sharded, resumable, identical for any W
@@ -62,6 +63,9 @@ TABLE1_SKIPS = ("uniform", "quad")
 TABLE2_STEPS = (10, 20, 50, 100, 200, 500, 1000)
 TIMING_STEPS = (10, 20, 50, 100, 200, 500, 1000)
 DEFAULT_OUT_DIR = os.path.join("docs", "results")
+# Issue 8's comparison: each multistep cell at S against DDIM at 5S (the targets: S = 10 vs 50, 20 vs 100).
+SOLVER_CELLS = (("dpmpp_3m", "logsnr", 10), ("dpmpp_2m", "logsnr", 10), ("ddim", "uniform", 10), ("ddim", "uniform", 50),
+                ("dpmpp_3m", "logsnr", 20), ("dpmpp_2m", "logsnr", 20), ("ddim", "uniform", 20), ("ddim", "uniform", 100))
 
 # Table 1 of the paper (FID of 50k samples), as transcribed in the slides (seeds/003).
 # Rows: eta; "ddpm_large" is sigma-hat.
@@ -224,6 +228,7 @@ def sample_npz(
     steps: int = 50,
     eta: Union[float, str] = 0.0,
     skip: Union[str, Sequence[int]] = "uniform",
+    solver: str = "ddim",
     seed: int = 0,
     batch_size: int = 256,
     shard_size: int = 1000,
@@ -253,7 +258,7 @@ def sample_npz(
     fingerprint = fingerprint or model_fingerprint(model)
     settings = {
         "model": fingerprint, "shape_chw": list(shape), "steps": int(steps), "eta": eta,
-        "skip": skip if isinstance(skip, str) else [int(t) for t in skip], "seed": int(seed),
+        "skip": skip if isinstance(skip, str) else [int(t) for t in skip], "solver": solver, "seed": int(seed),
         "shard_size": int(shard_size), "precision": precision,
         "T": int(schedule.T), "alphas_cumprod_sha256": hashlib.sha256(schedule.alphas_cumprod.numpy().tobytes()).hexdigest()[:16],
     }
@@ -291,7 +296,8 @@ def sample_npz(
         if distributed:
             dist.barrier()
 
-        sampler = FusedSampler(model, schedule=schedule, steps=steps, eta=eta, skip=skip, backend=backend, precision=precision)
+        sampler = FusedSampler(model, schedule=schedule, steps=steps, eta=eta, skip=skip, solver=solver, backend=backend,
+                               precision=precision)
         shards = [(s, min(n, s + shard_size)) for s in range(0, n, shard_size)]
         computed = skipped = 0
         for j in range(rank, len(shards), world):
@@ -519,6 +525,104 @@ def render_table1(data: Dict[str, Any], out_dir: str, *, n: int, seed: int, spre
     if any(p["series"] for p in panels):
         line_plot(panels, os.path.join(out_dir, "table1.png"), xlabel="S (sampling steps)", ylabel="Frechet distance",
                   xlog=True, ylog=True)
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Solvers: multistep at S vs DDIM at 5 S (issue 8)
+# --------------------------------------------------------------------------------------------
+def _solver_key(solver: str, skip: str, S: int, n: int, seed: int) -> str:
+    return f"{solver}|{skip}|S={S}|n={n}|seed={seed}"
+
+
+def solvers_table(
+    model,
+    schedule,
+    *,
+    n: int = 1000,
+    seeds: Sequence[int] = (0, 1),
+    cells: Sequence[Tuple[str, str, int]] = SOLVER_CELLS,
+    batch_size: int = 250,
+    out_dir: str = DEFAULT_OUT_DIR,
+    fingerprint: Optional[str] = None,
+    description: Optional[Dict[str, Any]] = None,
+    max_minutes: Optional[float] = None,
+    fresh: bool = False,
+    extractor: Optional[Callable] = None,
+    reference: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+    shape: Optional[Sequence[int]] = None,
+    log: Optional[Callable[[str], None]] = _log,
+) -> Dict[str, Any]:
+    """Frechet distance of each (solver, skip, S) cell for every seed (resuming), then solvers.md.
+
+    As in Table 1, a seed's cells all start from the same x_T (samples 0..n-1 of that seed), so
+    the comparison within a seed column is paired; the columns give the seed-to-seed spread.
+    ``extractor`` / ``reference`` / ``shape``: as in ``table1``.
+    """
+    from ddim_fast import FusedSampler
+    from ddim_fast import metrics
+
+    os.makedirs(out_dir, exist_ok=True)
+    fingerprint = fingerprint or model_fingerprint(model)
+    cache = _Cache(os.path.join(out_dir, "solvers_cells.json"), fingerprint, fresh=fresh)
+    shape = tuple(shape) if shape is not None else _shape(model)
+    ref = reference if reference is not None else metrics.reference_statistics(extractor)
+    deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
+    plan = sorted(((S, sd, solver, skip) for sd in seeds for solver, skip, S in cells), key=lambda p: (p[1], p[0]))
+    for S, sd, solver, skip in plan:
+        key = _solver_key(solver, skip, S, n, sd)
+        if key in cache.cells:
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            if log:
+                log(f"solvers: time budget of {max_minutes} min used; stopping before {key}")
+            break
+        t0 = time.perf_counter()
+        sampler = FusedSampler(model, schedule=schedule, steps=S, skip=skip, solver=solver)
+        with torch.no_grad():
+            x = _quantize(_sample_batched(sampler, n, shape, sd, batch_size))
+        fd = metrics.frechet_distance(*metrics.feature_statistics(x, extractor), *ref)
+        cache.put(key, {"solver": solver, "skip": skip, "S": S, "n": n, "seed": sd, "fd": fd,
+                        "seconds": round(time.perf_counter() - t0, 2)}, n=n, seeds=list(seeds), model_desc=description or {},
+                  features="digit classifier" if extractor is None else repr(extractor))
+        if log:
+            log(f"solvers: {key}: FD {fd:.3f}")
+    render_solvers(cache.data, out_dir, n=n, seeds=seeds, cells=cells)
+    return cache.data
+
+
+def render_solvers(data: Dict[str, Any], out_dir: str, *, n: int, seeds: Sequence[int], cells=SOLVER_CELLS) -> str:
+    """solvers.md: one row per (solver, skip, S), one FD column per seed, and each target's verdict."""
+    got = data["cells"]
+
+    def fd(solver, skip, S, sd):
+        c = got.get(_solver_key(solver, skip, S, n, sd))
+        return None if c is None else c["fd"]
+
+    space = "the digit classifier's 64-d feature space" if data.get("features") == "digit classifier" else "the given features"
+    lines = [f"Frechet distance in {space} (lower is better), {n} samples per cell, "
+             f"model `{data.get('model')}`; within a seed column every cell starts from the same x_T.", "",
+             "| solver (skip) | S | " + " | ".join(f"seed {sd}" for sd in seeds) + " |", "|---|---|" + "---|" * len(seeds)]
+    for solver, skip, S in cells:
+        lines.append(f"| {solver} ({skip}) | {S} | " + " | ".join(_fmt(fd(solver, skip, S, sd)) for sd in seeds) + " |")
+    lines.append("")
+    for S in sorted({S for solver, _, S in cells if solver != "ddim"}):
+        ddim = [fd("ddim", "uniform", 5 * S, sd) for sd in seeds]
+        multi = [(solver, skip) for solver, skip, S_ in cells if S_ == S and solver != "ddim"]
+        if not multi or None in ddim:
+            continue
+        best = []
+        for sd_i, sd in enumerate(seeds):
+            vals = [(fd(solver, skip, S, sd), solver) for solver, skip in multi if fd(solver, skip, S, sd) is not None]
+            if vals:
+                best.append((min(vals)[1], min(vals)[0], ddim[sd_i], sd))
+        if best:
+            verdict = "; ".join(f"seed {sd}: {name} {v:.2f} vs DDIM {d:.2f} ({'met' if v <= d else 'missed'})"
+                                for name, v, d, sd in best)
+            lines.append(f"- Best multistep solver at S = {S} vs DDIM at S = {5 * S}: {verdict}.")
+    lines.append("")
+    text = "\n".join(lines)
+    _atomic_text(os.path.join(out_dir, "solvers.md"), text)
     return text
 
 
@@ -941,7 +1045,7 @@ def _setup(args):
 
 def _cmd_eval(args) -> int:
     if args.n is None:
-        args.n = {"table1": 500, "table2": 100, "timing": 16}[args.which]
+        args.n = {"table1": 500, "table2": 100, "timing": 16, "solvers": 1000}[args.which]
     model, schedule, desc = _setup(args)
     kw = dict(out_dir=args.out_dir, description=desc)
     if args.which == "table1":
@@ -949,6 +1053,11 @@ def _cmd_eval(args) -> int:
                spread_steps=args.spread_steps, steps=args.steps or TABLE1_STEPS, etas=args.etas, skips=args.skips,
                batch_size=args.batch, fingerprint=desc["fingerprint"], max_minutes=args.max_minutes, fresh=args.fresh, **kw)
         print(os.path.join(args.out_dir, "table1.md"))
+    elif args.which == "solvers":
+        seeds = (args.seed,) if args.spread_seed < 0 else (args.seed, args.spread_seed)
+        solvers_table(model, schedule, n=args.n, seeds=seeds, batch_size=args.batch, fingerprint=desc["fingerprint"],
+                      max_minutes=args.max_minutes, fresh=args.fresh, **kw)
+        print(os.path.join(args.out_dir, "solvers.md"))
     elif args.which == "table2":
         table2(model, schedule, n=args.n, steps=args.steps or TABLE2_STEPS, batch_size=args.batch,
                fingerprint=desc["fingerprint"], max_minutes=args.max_minutes, fresh=args.fresh, **kw)
@@ -991,9 +1100,11 @@ def _cmd_sample_sharded(args) -> int:
         device = f"cuda:{local_rank}"
     model, schedule, desc = _load(args.ckpt, device=device, weights=getattr(args, "weights", "ema"))
     eta = parse_eta(args.eta)
-    res = sample_npz(model, schedule, args.n, args.npz, steps=args.steps, eta=eta, skip=args.skip, seed=args.seed,
-                     batch_size=args.batch_size, shard_size=args.shard_size, device=device,
-                     backend=getattr(args, "backend", "auto"), fingerprint=desc["fingerprint"], keep_shards=args.keep_shards)
+    res = sample_npz(model, schedule, args.n, args.npz, steps=args.steps, eta=eta, skip=args.skip,
+                     solver=getattr(args, "solver", "ddim"), seed=args.seed, batch_size=args.batch_size,
+                     shard_size=args.shard_size, device=device, backend=getattr(args, "backend", "auto"),
+                     precision=getattr(args, "precision", "auto"), fingerprint=desc["fingerprint"],
+                     keep_shards=args.keep_shards)
     if rank == 0:
         if out_png:
             with np.load(args.npz, allow_pickle=False) as f:
@@ -1027,9 +1138,10 @@ def register(subparsers) -> None:
     through ``sample_npz`` (sharded, resumable). If a ``sample`` subcommand exists, its parser
     gains ``--batch-size/--shard-size/--keep-shards/--threads`` and its function is wrapped so
     that runs without ``--npz`` are unchanged; otherwise a ``sample`` subcommand is added."""
-    e = subparsers.add_parser("eval", help="the paper's tables on the embedded model: table1 | table2 | timing",
-                              description="Table 1 (FD vs S x eta), Table 2 (reconstruction MSE vs S), Figure 4 (time vs S).")
-    e.add_argument("which", choices=("table1", "table2", "timing"))
+    e = subparsers.add_parser("eval", help="the paper's tables on the embedded model: table1 | table2 | timing | solvers",
+                              description="Table 1 (FD vs S x eta), Table 2 (reconstruction MSE vs S), Figure 4 (time vs S), "
+                              "solvers (multistep at S vs DDIM at 5 S).")
+    e.add_argument("which", choices=("table1", "table2", "timing", "solvers"))
     _common(e)
     e.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"where the .md/.png/.json go (default {DEFAULT_OUT_DIR})")
     e.add_argument("--n", type=int, default=None, help="samples per cell (table1: 500), test digits (table2: 100), batch (timing: 16)")
@@ -1061,6 +1173,7 @@ def register(subparsers) -> None:
         s.add_argument("--steps", type=int, default=50)
         s.add_argument("--eta", default="0")
         s.add_argument("--skip", default="uniform")
+        s.add_argument("--solver", default="ddim", choices=("ddim", "dpmpp_2m", "dpmpp_3m"))
         s.add_argument("--n", type=int, default=64)
         s.add_argument("--npz", required=True)
         s.add_argument("--out", default=None, help="also a PNG grid of the first images")

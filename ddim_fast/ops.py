@@ -217,9 +217,30 @@ def _run_multistep_triton(*args) -> None:
         mod.multistep_step(*args)
 
 
-# "cpp": no C++ multistep kernel yet (csrc/ has the DDIM step only), so a CPU sampler whose
-# backend resolved to "cpp" runs the multistep step through the PyTorch reference for now.
-_MULTISTEP_IMPLS = {"torch": _run_multistep_torch, "triton": _run_multistep_triton, "cpp": _run_multistep_torch}
+def _cpp_multistep_op():
+    """``torch.ops.ddim_fast_C.multistep_step``, or None (no extension, or a build older than the
+    op: one warning, and the PyTorch reference)."""
+    if _cpp_op() is None:
+        return None
+    try:
+        return torch.ops.ddim_fast_C.multistep_step  # an attribute lookup once resolved
+    except (AttributeError, RuntimeError):
+        _warn_once(
+            "the C++ extension has no multistep_step op (built before it; rebuild with "
+            "`pip install --no-build-isolation -e .`); using the PyTorch reference multistep step"
+        )
+        return None
+
+
+def _run_multistep_cpp(*args) -> None:
+    op = _cpp_multistep_op()
+    if op is None:
+        _run_multistep_torch(*args)
+    else:
+        op(*args)
+
+
+_MULTISTEP_IMPLS = {"torch": _run_multistep_torch, "triton": _run_multistep_triton, "cpp": _run_multistep_cpp}
 
 
 @torch.library.custom_op("ddim_fast::multistep_step", mutates_args=("history", "out", "x0_out"))

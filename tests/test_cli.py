@@ -77,6 +77,27 @@ def test_sample_from_a_training_run(run_dir, tmp_path):
     np.testing.assert_array_equal(np.load(a)["images"], np.load(tmp_path / "a2.npz")["images"])  # same seed
 
 
+def test_sample_with_a_multistep_solver(run_dir, tmp_path, capsys):
+    """--solver reaches FusedSampler (the images equal the API's), for the grid and the sharded --npz path."""
+    from ddim_fast import FusedSampler
+    from ddim_fast.data import to_uint8
+    from ddim_fast.train import load_model
+
+    common = ["sample", "--ckpt", str(run_dir), "--steps", "6", "--n", "3", "--seed", "5", "--precision", "fp32"]
+    for solver in ("dpmpp_2m", "dpmpp_3m"):
+        npz = tmp_path / f"{solver}.npz"
+        assert main([*common, "--solver", solver, "--skip", "logsnr", "--out", str(tmp_path / "g.png"), "--npz", str(npz)]) == 0
+        assert solver in capsys.readouterr().out
+        model, schedule = load_model(str(run_dir))
+        sampler = FusedSampler(model, schedule=schedule, steps=6, skip="logsnr", solver=solver, precision="fp32")
+        expected = to_uint8(sampler.sample(shape=(3, 1, 8, 8), seed=5).clamp(-1, 1))
+        np.testing.assert_array_equal(np.load(npz)["images"], expected)
+    assert main([*common, "--solver", "dpmpp_2m", "--eta", "1", "--out", str(tmp_path / "g.png")]) == 2
+    assert "eta: the multistep solver" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*common, "--solver", "euler", "--out", str(tmp_path / "g.png")])
+
+
 def test_export_then_sample(run_dir, tmp_path, capsys):
     dst = tmp_path / "m" / "model.json"
     assert main(["export", "--ckpt", str(run_dir), "--out", str(dst), "--fp16"]) == 0

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 
 from _utils import assert_close
 from ddim_fast import FusedSampler, NoiseSchedule
@@ -92,3 +92,74 @@ def test_from_diffusers_needs_a_scheduler_for_a_bare_unet():
         FusedSampler.from_diffusers(tiny_unet())
     s = FusedSampler.from_diffusers(tiny_unet(), DDPMScheduler(num_train_timesteps=1000), steps=10)
     assert s.num_steps == 10 and s.prediction == "epsilon"
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")  # diffusers'
+@pytest.mark.parametrize(
+    "sched_kw, S",
+    [
+        (dict(solver_order=2), 10),
+        (dict(solver_order=2, timestep_spacing="leading"), 25),
+        (dict(solver_order=2, timestep_spacing="trailing", prediction_type="v_prediction"), 10),
+        (dict(solver_order=3), 12),
+        (dict(solver_order=3, timestep_spacing="trailing"), 20),
+        (dict(solver_order=1), 10),
+    ],
+    ids=["2m-linspace", "2m-leading", "2m-trailing-v", "3m-linspace", "3m-trailing", "order1"],
+)
+def test_from_diffusers_dpm_solver_equals_its_loop(sched_kw, S):
+    """A DPMSolverMultistepScheduler (dpmsolver++) pipeline maps to our multistep solver on its own
+    timesteps: same timesteps, same images as diffusers' loop, to float32 rounding."""
+    unet = tiny_unet()
+    sch = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", **sched_kw)
+    pipe = DDPMPipeline(unet=unet, scheduler=sch)  # (DDIMPipeline would convert it to a DDIMScheduler)
+    sch.set_timesteps(S)
+    x_T = torch.randn(2, 3, 8, 8)
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in sch.timesteps:
+            x = sch.step(unet(x, t).sample, t, x).prev_sample
+    sampler = FusedSampler.from_diffusers(pipe, steps=S, precision="fp32")
+    assert sampler.solver == {1: "ddim", 2: "dpmpp_2m", 3: "dpmpp_3m"}[sched_kw["solver_order"]]
+    assert torch.equal(sampler.timesteps, sch.timesteps)
+    assert_close(sampler.sample(x_T), x, atol=1e-5 * max(1.0, x.abs().max().item()), what=str(sched_kw))
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")  # diffusers'
+def test_dpm_solver_lambda_min_clipped_timesteps():
+    """The cosine schedule's usual lambda_min_clipped drops the last timesteps, as in diffusers."""
+    sch = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1)
+    for S in (10, 20, 50):
+        sch.set_timesteps(S)
+        s = FusedSampler.from_diffusers(tiny_unet(), sch, steps=S)
+        assert torch.equal(s.timesteps, sch.timesteps), S
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), "algorithm_type='dpmsolver'"),
+        (dict(algorithm_type="sde-dpmsolver++"), "algorithm_type='sde-dpmsolver\\+\\+'"),
+        (dict(solver_type="heun"), "solver_type='heun'"),
+        (dict(use_karras_sigmas=True), "use_karras_sigmas"),
+        (dict(use_lu_lambdas=True), "logsnr"),
+        (dict(final_sigmas_type="sigma_min"), "final_sigmas_type"),
+        (dict(thresholding=True), "thresholding"),
+        (dict(solver_order=3, lower_order_final=False), "lower_order_final"),
+    ],
+)
+def test_unsupported_dpm_solver_configs_rejected(kw, match):
+    sch = DPMSolverMultistepScheduler(num_train_timesteps=1000, **kw)
+    with pytest.raises(ValueError, match=match):
+        FusedSampler.from_diffusers(tiny_unet(), sch, steps=10)
+
+
+def test_other_schedulers_rejected_by_name():
+    from diffusers import EulerDiscreteScheduler, UniPCMultistepScheduler
+
+    for cls in (UniPCMultistepScheduler, EulerDiscreteScheduler):
+        with pytest.raises(ValueError, match=f"{cls.__name__} is not supported"):
+            FusedSampler.from_diffusers(tiny_unet(), cls(num_train_timesteps=1000), steps=10)
+    # a saved config names its class
+    with pytest.raises(ValueError, match="UniPCMultistepScheduler is not supported"):
+        FusedSampler.from_diffusers(tiny_unet(), {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000})
