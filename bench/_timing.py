@@ -28,3 +28,31 @@ def median_seconds(fn, *, repeat: int = 20, warmup: int = 3, device="cpu") -> fl
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_seconds(fns, *, rounds: int, block: int = 1, warmup: int = 1, device="cpu"):
+    """Per-call wall times of several callables, taking turns: {name: [seconds, ...]}.
+
+    Each round runs every callable ``block`` times back to back, so a slow phase of a shared
+    machine (another job, a frequency drop) slows all of them alike while each still runs with
+    its own data in cache; ratios are then taken per round (``paired_ratio``, block = 1) or
+    between medians / minimums of these lists instead of between runs minutes apart.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def paired_ratio(times, baseline: str, ours: str) -> float:
+    """Median over rounds of baseline / ours (a speed-up when > 1)."""
+    return statistics.median(b / o for b, o in zip(times[baseline], times[ours]))

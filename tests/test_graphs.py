@@ -115,7 +115,8 @@ def test_no_allocation_of_state_per_step(model):
     s = FusedSampler(model, steps=6, precision="fp32", backend="torch")
     plan = s._plan("sample", 1, torch.device("cpu"), 0, 0, None)
     bufs = s._buffers(plan, torch.randn(1, 3, 8, 8), record=False)
-    ptrs = {bufs.xs[0].data_ptr()}
+    # the state buffer itself, or the preallocated channels-last copy of it
+    ptrs = {(bufs.x_model if bufs.x_model is not None else bufs.xs[0]).data_ptr()}
     seen = set()
     orig = s.adapter.__call__
 
@@ -126,6 +127,27 @@ def test_no_allocation_of_state_per_step(model):
     s.adapter = spy
     s._loop(plan, bufs)
     assert seen == ptrs
+
+
+def test_channels_last_auto_rule(model):
+    """auto: NHWC input for conv models on CUDA, and on CPUs when the model runs in fp32 (the
+    measured gain); never for bf16 on CPUs, for non-conv models or with channels_last=False."""
+
+    def uses_cl(sampler, _precision):
+        plan = sampler._plan("sample", 2, torch.device("cpu"), 0, 0, None)
+        bufs = sampler._buffers(plan, torch.randn(2, 3, 8, 8), record=False)
+        return bufs.x_model is not None and bufs.x_model.is_contiguous(memory_format=torch.channels_last)
+
+    assert uses_cl(FusedSampler(model, steps=3, precision="fp32"), "fp32")
+    assert not uses_cl(FusedSampler(model, steps=3, precision="bf16"), "bf16")
+    assert not uses_cl(FusedSampler(model, steps=3, precision="fp32", channels_last=False), "fp32")
+    assert uses_cl(FusedSampler(model, steps=3, precision="bf16", channels_last=True), "bf16")
+
+    def flat_model(x, t):  # .view() needs a contiguous input: auto must leave it NCHW
+        return x.view(x.shape[0], -1).mul(0.5).view(x.shape)
+
+    assert not uses_cl(FusedSampler(flat_model, steps=3, precision="fp32"), "fp32")
+    assert torch.isfinite(FusedSampler(flat_model, steps=3, precision="fp32").sample(shape=(2, 3, 8, 8), seed=0)).all()
 
 
 def test_channels_last_input_matches(model):
