@@ -44,3 +44,58 @@ class EagerReplayCapturer:
             fn()
 
         return replay
+
+
+class TinyConvModel(torch.nn.Module):
+    """A 3-channel epsilon model in one 3x3 convolution, timestep-dependent: a real conv module
+    (the sampler's channels_last and autocast paths apply to it) that runs in microseconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        return torch.tanh(self.conv(x)) * (1 + t.float()[:, None, None, None] / 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs of the fused DDIM step op (the C++ and Triton kernels' tests share them)
+# ---------------------------------------------------------------------------------------------
+def step_table32(eta=1.0, steps=10, device="cpu"):
+    """The float32 (S, 5) table of a linear T=1000 schedule (sigma > 0 on every row but the last)."""
+    from ddim_fast.schedule import NoiseSchedule, select_timesteps, step_table as table64
+
+    tau = select_timesteps(1000, steps, "uniform")
+    return table64(NoiseSchedule.linear(1000), tau, eta).to(torch.float32).to(device)
+
+
+def step_seed(seed=1234, offset=0, device="cpu"):
+    """The op's (2,) int64 seed tensor: (seed, sample offset)."""
+    return torch.tensor([seed, offset], dtype=torch.int64, device=device)
+
+
+def step_inputs(shape, dtype=torch.float32, seed=0, device="cpu"):
+    """x (float32) and a model output (``dtype``), standard normal."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    m = torch.randn(shape, generator=g)
+    return x.to(device), m.to(dtype).to(device)
+
+
+def run_step(impl, x, m, coef, step, seed, prediction, clip, stochastic, noise=None, x0=True, dtype=torch.float32, **kw):
+    """(x_prev, x0_pred) written by ``impl`` (the op's signature) into fresh NaN-filled buffers of ``dtype``."""
+    from ddim_fast import reference
+
+    out = torch.full(x.shape, float("nan"), dtype=dtype, device=x.device)
+    x0_out = torch.full_like(out, float("nan")) if x0 else None
+    impl(x, m, coef, step, seed, reference.PREDICTIONS[prediction], clip, stochastic, noise, out, x0_out, **kw)
+    return out, x0_out
+
+
+def good_step_args(device="cpu"):
+    """A valid argument set of the op (2x3x4), for tests that break one argument at a time."""
+    x, m = step_inputs((2, 3, 4), device=device)
+    return dict(
+        x=x, model_out=m, coef=step_table32(device=device), step=0, seed=step_seed(device=device), prediction=0, clip=0.0,
+        stochastic=True, noise=None, out=torch.empty(2, 3, 4, device=device), x0_out=None,
+    )  # fmt: skip

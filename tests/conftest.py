@@ -19,3 +19,18 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    """ddim_fast.ops as on a machine where the C++ extension neither imports nor compiles."""
+    from ddim_fast import _ext, ops
+
+    def unavailable():
+        raise RuntimeError("no compiler (simulated)")
+
+    monkeypatch.setattr(_ext, "load", unavailable)
+    monkeypatch.setattr(ops, "_WARNED", set())
+    ops._cpp_op.cache_clear()
+    yield
+    ops._cpp_op.cache_clear()  # later tests load the real extension again

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from _utils import assert_close
+from _utils import assert_close, good_step_args as _good_args, run_step as _run, step_inputs as _inputs
+from _utils import step_seed as _seed, step_table32 as _table
 from ddim_fast import _ext, ops, reference
-from ddim_fast.schedule import NoiseSchedule, inverse_step_table, select_timesteps, step_table
+from ddim_fast.schedule import NoiseSchedule, inverse_step_table, select_timesteps
 
 SHAPES = [(3, 5, 33), (1, 1), (1,), (7, 1), (2, 3, 16, 16)]
 PREDICTIONS = ["epsilon", "v", "x0"]
@@ -39,29 +40,12 @@ def C():
     return torch.ops.ddim_fast_C
 
 
-def _table(eta=1.0, steps=10):
-    """The float32 (S, 5) table of a linear T=1000 schedule (sigma > 0 on every row but the last)."""
-    tau = select_timesteps(1000, steps, "uniform")
-    return step_table(NoiseSchedule.linear(1000), tau, eta).to(torch.float32)
 
 
-def _seed(seed=1234, offset=0):
-    return torch.tensor([seed, offset], dtype=torch.int64)
 
 
-def _inputs(shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g)
-    m = torch.randn(shape, generator=g)
-    return x, m.to(dtype)
 
 
-def _run(impl, x, m, coef, step, seed, prediction, clip, stochastic, noise=None, x0=True, dtype=torch.float32, **kw):
-    """(x_prev, x0_pred) written by impl into fresh NaN-filled buffers of ``dtype``."""
-    out = torch.full(x.shape, float("nan"), dtype=dtype)
-    x0_out = torch.full_like(out, float("nan")) if x0 else None
-    impl(x, m, coef, step, seed, reference.PREDICTIONS[prediction], clip, stochastic, noise, out, x0_out, **kw)
-    return out, x0_out
 
 
 def _worst(actual, expected):
@@ -217,12 +201,6 @@ def test_empty_batch_is_a_no_op(C):
     C.step(x, x, _table(), 0, _seed(), 0, 0.0, True, None, torch.empty(0, 3, 4), None)
 
 
-def _good_args():
-    x, m = _inputs((2, 3, 4))
-    return dict(
-        x=x, model_out=m, coef=_table(), step=0, seed=_seed(), prediction=0, clip=0.0, stochastic=True,
-        noise=None, out=torch.empty(2, 3, 4), x0_out=None,
-    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -393,20 +371,6 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("DDIM_FAST_BUILD_EXT", "0")
     with pytest.raises(RuntimeError, match="DDIM_FAST_BUILD_EXT=0"):
         _ext.load()
-
-
-@pytest.fixture
-def no_extension(monkeypatch):
-    """ddim_fast.ops as on a machine where the extension neither imports nor compiles."""
-
-    def unavailable():
-        raise RuntimeError("no compiler (simulated)")
-
-    monkeypatch.setattr(_ext, "load", unavailable)
-    monkeypatch.setattr(ops, "_WARNED", set())
-    ops._cpp_op.cache_clear()
-    yield
-    ops._cpp_op.cache_clear()  # later tests load the real extension again
 
 
 def test_unavailable_extension_falls_back_with_one_warning(no_extension):

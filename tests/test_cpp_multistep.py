@@ -14,11 +14,10 @@ The extension is built (or found) once per session; set DDIM_FAST_BUILD_EXT=0 to
 import os
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
-from _utils import assert_close
+from _utils import TinyConvModel as _Tiny, assert_close
 from ddim_fast import FusedSampler, NoiseSchedule, _ext, ops, solvers
 from ddim_fast.reference import PREDICTIONS
 
@@ -325,15 +324,6 @@ def test_cpp_backend_runs_the_cpp_op(C):
     _assert_same(got, _run(solvers.multistep_step, x, m, coef, 3, 1, 0.0, history), "ops.multistep_step cpp")
 
 
-class _Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
-
-    def forward(self, x, t):
-        return torch.tanh(self.conv(x)) * (1 + t.float()[:, None, None, None] / 1000)
-
-
 @pytest.mark.parametrize("prediction, clip", [("epsilon", None), ("v", 1.0)])
 @pytest.mark.parametrize("solver", MULTISTEP)
 def test_sampler_trajectory_cpp_equals_torch(C, solver, prediction, clip):
@@ -351,20 +341,6 @@ def test_sampler_trajectory_cpp_equals_torch(C, solver, prediction, clip):
         a, e = getattr(traj["cpp"], name), getattr(traj["torch"], name)
         assert_close(a, e, atol=1e-6, rtol=4 * EPS32, what=f"{solver} trajectory {name}")
         assert torch.equal(a, e), f"{solver} trajectory {name}: not bitwise the torch backend's"
-
-
-@pytest.fixture
-def no_extension(monkeypatch):
-    """ddim_fast.ops as on a machine where the extension neither imports nor compiles."""
-
-    def unavailable():
-        raise RuntimeError("no compiler (simulated)")
-
-    monkeypatch.setattr(_ext, "load", unavailable)
-    monkeypatch.setattr(ops, "_WARNED", set())
-    ops._cpp_op.cache_clear()
-    yield
-    ops._cpp_op.cache_clear()  # later tests load the real extension again
 
 
 def test_unavailable_extension_falls_back_to_the_reference_with_one_warning(no_extension):

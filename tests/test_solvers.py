@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from _utils import EagerReplayCapturer, assert_close
+from _utils import EagerReplayCapturer, TinyConvModel as _Tiny, assert_close
 from ddim_fast import FusedSampler, NoiseSchedule, ops, solvers
 from ddim_fast.graphs import GraphCache
 from ddim_fast.kernels import multistep as K
@@ -495,15 +495,6 @@ def test_dpmpp_2m_beats_ddim_at_10_steps():
 # --------------------------------------------------------------------------------------------
 # the sampler's solver option
 # --------------------------------------------------------------------------------------------
-
-
-class _Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
-
-    def forward(self, x, t):
-        return torch.tanh(self.conv(x)) * (1 + t.float()[:, None, None, None] / 1000)
 
 
 @pytest.fixture

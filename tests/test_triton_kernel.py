@@ -19,12 +19,18 @@ import torch
 import triton
 import triton.language as tl
 
-from _utils import assert_close
+import functools
+
+from _utils import assert_close, good_step_args, run_step as _run, step_inputs, step_seed, step_table32
 from ddim_fast import reference
 from ddim_fast.kernels import ddim_step as K
-from ddim_fast.schedule import NoiseSchedule, inverse_step_table, select_timesteps, step_table
+from ddim_fast.schedule import NoiseSchedule, inverse_step_table, select_timesteps
 
 DEVICE = torch.device("cpu") if K.is_interpreted() else torch.device("cuda")
+_table = functools.partial(step_table32, device=DEVICE)
+_seed = functools.partial(step_seed, device=DEVICE)
+_inputs = functools.partial(step_inputs, device=DEVICE)
+_good_args = functools.partial(good_step_args, device=DEVICE)
 pytestmark = pytest.mark.skipif(
     not K.is_interpreted() and not torch.cuda.is_available(),
     reason="ddim_fast.kernels.ddim_step was imported before TRITON_INTERPRET=1 and there is no GPU "
@@ -37,29 +43,12 @@ LOW_PRECISION = [torch.float32, torch.float16, torch.bfloat16]
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def _table(eta=1.0, steps=10):
-    """The float32 (S, 5) table of a linear T=1000 schedule (sigma > 0 on every row but the last)."""
-    tau = select_timesteps(1000, steps, "uniform")
-    return step_table(NoiseSchedule.linear(1000), tau, eta).to(torch.float32).to(DEVICE)
 
 
-def _seed(seed=1234, offset=0):
-    return torch.tensor([seed, offset], dtype=torch.int64, device=DEVICE)
 
 
-def _inputs(shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g)
-    m = torch.randn(shape, generator=g)
-    return x.to(DEVICE), m.to(dtype).to(DEVICE)
 
 
-def _run(impl, x, m, coef, step, seed, prediction, clip, stochastic, noise=None, x0=True, dtype=torch.float32, **kw):
-    """(x_prev, x0_pred) written by impl into fresh buffers of ``dtype``."""
-    out = torch.full(x.shape, float("nan"), dtype=dtype, device=x.device)
-    x0_out = torch.full_like(out, float("nan")) if x0 else None
-    impl(x, m, coef, step, seed, reference.PREDICTIONS[prediction], clip, stochastic, noise, out, x0_out, **kw)
-    return out, x0_out
 
 
 def _worst(actual, expected):
@@ -288,12 +277,6 @@ def test_seed_is_read_from_device_memory():
 # --------------------------------------------------------------------------------------------
 
 
-def _good_args():
-    x, m = _inputs((2, 3, 4))
-    return dict(
-        x=x, model_out=m, coef=_table(), step=0, seed=_seed(), prediction=0, clip=0.0, stochastic=True,
-        noise=None, out=torch.empty(2, 3, 4), x0_out=None,
-    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
