@@ -1043,7 +1043,27 @@ def _setup(args):
     return _load(args.ckpt, device=args.device, weights=args.weights)
 
 
+def npz_scores(path: str, batch_size: int = 5000) -> Dict[str, Any]:
+    """Frechet distance (digit-classifier features, vs all 1,797 digits) and label distribution of
+    the images of a uint8 ``.npz`` (what ``sample --npz`` writes), in batches of ``batch_size``."""
+    from ddim_fast import metrics
+    from ddim_fast.data import load_npz
+
+    x, _ = load_npz(path)
+    if tuple(x.shape[1:]) != (1, 16, 16):
+        raise ValueError(f"npz: the digit classifier scores 1x16x16 digits, {path} holds {tuple(x.shape[1:])} images")
+    mu, sigma = metrics.feature_statistics(x, batch_size=batch_size)
+    labels = metrics.label_distribution(x)
+    return {"npz": path, "n": int(x.shape[0]), "fd": metrics.frechet_distance(mu, sigma, *metrics.reference_statistics()),
+            "labels": labels}
+
+
 def _cmd_eval(args) -> int:
+    if args.which == "fd":
+        if not args.npz:
+            raise SystemExit("ddim-fast eval fd: --npz FILE is required")
+        print(json.dumps(npz_scores(args.npz)))
+        return 0
     if args.n is None:
         args.n = {"table1": 500, "table2": 100, "timing": 16, "solvers": 1000}[args.which]
     model, schedule, desc = _setup(args)
@@ -1141,7 +1161,8 @@ def register(subparsers) -> None:
     e = subparsers.add_parser("eval", help="the paper's tables on the embedded model: table1 | table2 | timing | solvers",
                               description="Table 1 (FD vs S x eta), Table 2 (reconstruction MSE vs S), Figure 4 (time vs S), "
                               "solvers (multistep at S vs DDIM at 5 S).")
-    e.add_argument("which", choices=("table1", "table2", "timing", "solvers"))
+    e.add_argument("which", choices=("table1", "table2", "timing", "solvers", "fd"))
+    e.add_argument("--npz", default=None, help="fd: a uint8 image .npz (e.g. from `sample --npz`) to score against the digits")
     _common(e)
     e.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"where the .md/.png/.json go (default {DEFAULT_OUT_DIR})")
     e.add_argument("--n", type=int, default=None, help="samples per cell (table1: 500), test digits (table2: 100), batch (timing: 16)")

@@ -287,3 +287,24 @@ def test_ddim_fast_cli_routes_npz_through_sharded_sampling_and_has_eval_and_figu
     fig = tmp_path / "seq.png"
     assert main(["figure", "sequence", "--ckpt", ckpt, "--n", "1", "--steps", "4", "--out", str(fig), "--threads", "1"]) == 0
     assert fig.exists()
+
+
+def test_eval_fd_scores_an_npz(tmp_path, capsys):
+    """`ddim-fast eval fd --npz` scores a uint8 .npz (sample --npz's format): real digits score near
+    the real-data floor, a blurred copy of them much worse; other image sizes are refused."""
+    from ddim_fast import metrics
+    from ddim_fast.cli import main
+    from ddim_fast.data import to_uint8
+
+    x, _ = metrics._digits()
+    real, blurred = tmp_path / "real.npz", tmp_path / "blurred.npz"
+    np.savez(real, images=to_uint8(x))
+    np.savez(blurred, images=to_uint8(torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1)))
+    assert main(["eval", "fd", "--npz", str(real)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["n"] == len(x) and got["fd"] < 0.05 and got["labels"]["coverage"] == 10
+    assert experiments.npz_scores(str(blurred))["fd"] > 10 * max(got["fd"], 0.1)
+    small = tmp_path / "small.npz"
+    np.savez(small, images=np.zeros((4, 8, 8, 1), np.uint8))
+    assert main(["eval", "fd", "--npz", str(small)]) == 2
+    assert "1x16x16" in capsys.readouterr().err
