@@ -143,7 +143,7 @@ def test_solvers_table_multistep_beats_ddim_at_equal_steps(gaussian_model, tmp_p
     for seed in (0, 1):
         assert fd[("dpmpp_2m", 10, seed)] < fd[("ddim", 10, seed)] and fd[("dpmpp_3m", 10, seed)] < fd[("ddim", 10, seed)], fd
     md = (tmp_path / "solvers.md").read_text()
-    assert "| dpmpp_3m (logsnr) | 10 |" in md and "Best multistep solver at S = 10 vs DDIM at S = 50" in md
+    assert "| dpmpp_3m (logsnr) | 10 |" in md and "- S = 10: best multistep solver dpmpp_" in md and "vs DDIM at S = 50" in md
     again = experiments.solvers_table(  # resumes: nothing recomputed
         gaussian_model, SCHEDULE, n=1000, seeds=(0, 1), cells=cells, extractor=_flat, reference=(mu.numpy(), cov.numpy()),
         shape=(1, D_SIDE, D_SIDE), out_dir=str(tmp_path), fingerprint="gaussian", max_minutes=0.0, log=None,
