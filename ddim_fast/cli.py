@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nrow", type=int, default=None, help="images per grid row (default: a square grid)")
     s.add_argument("--scale", type=int, default=None, help="enlarge each image this many times (default: to >= 64 px)")
     s.add_argument("--out", default="grid.png", help="PNG grid to write (default grid.png)")
-    s.add_argument("--npz", default=None, help="also save the images as uint8 (N, H, W, C) under 'images'")
+    s.add_argument("--npz", default=None, help="also save the images as uint8 (N, H, W, C) under 'arr_0' (what FID evaluators read)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--backend", default="auto", help="FusedSampler backend (auto | triton | cpp | torch)")
     s.add_argument("--precision", default="auto", help="FusedSampler precision of the model (auto | fp32 | fp16 | bf16)")

@@ -38,9 +38,14 @@ __all__ = [
     "make_grid",
     "save_grid",
     "save_npz",
+    "NPZ_KEY",
     "atomic_write_bytes",
     "IMAGE_EXTENSIONS",
 ]
+
+# The array key of sample .npz files: "arr_0", as np.savez names a positional array and as the FID
+# evaluators of guided-diffusion / ADM (np.load(path)["arr_0"]) expect.
+NPZ_KEY = "arr_0"
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -157,13 +162,13 @@ def load_npz(path: str, key: Optional[str] = None, image_size: Optional[int] = N
         with np.load(path, allow_pickle=False) as f:
             keys = list(f.keys())
             if key is None:
-                for k in ("images", "x", "arr_0"):
+                for k in (NPZ_KEY, "images", "x"):
                     if k in keys:
                         key = k
                         break
                 else:
                     if len(keys) != 1:
-                        raise ValueError(f"expected one array or one named 'images', found {keys}")
+                        raise ValueError(f"expected one array or one named 'arr_0' or 'images', found {keys}")
                     key = keys[0]
             if key not in keys:
                 raise ValueError(f"no array named {key!r}, found {keys}")
@@ -264,9 +269,10 @@ def save_grid(x: torch.Tensor, path: str, nrow: Optional[int] = None, scale: Opt
 
 
 def save_npz(x: torch.Tensor, path: str) -> None:
-    """Save [-1, 1] images as uint8 (N, H, W, C) under the key ``images`` (``load_npz`` reads it), atomically."""
+    """Save [-1, 1] images as uint8 (N, H, W, C) under ``arr_0`` (NPZ_KEY: what FID evaluators such
+    as guided-diffusion's read; ``load_npz`` reads it), atomically."""
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, images=to_uint8(x))
+    np.savez(buf, **{NPZ_KEY: to_uint8(x)})
     atomic_write_bytes(path, buf.getvalue())

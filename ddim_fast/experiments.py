@@ -18,7 +18,7 @@ Sharded sampling: sample i is a pure function of (seed, i) (DESIGN.md's noise co
 unit of work is a shard of ``--shard-size`` consecutive indices; shards are dealt round-robin
 to the torchrun ranks (gloo on CPUs), each written atomically as
 ``<npz>.shards/shard-<start>-<stop>.npz`` and skipped on a restart; rank 0 then concatenates
-them into the final ``.npz`` (uint8 NHWC under ``images``, written atomically with a ``meta``
+them into the final ``.npz`` (uint8 NHWC under ``arr_0``, written atomically with a ``meta``
 JSON string) and removes the shard folder. Byte-identity holds for any number of processes
 (the same shard is computed the same way); across batch sizes it holds as far as the model's
 own kernels give batch-independent results (true of GroupNorm/conv UNets in float32 here,
@@ -239,14 +239,14 @@ def sample_npz(
     keep_shards: bool = False,
     log: Optional[Callable[[str], None]] = _log,
 ) -> Dict[str, Any]:
-    """Sample ``n`` images into ``out`` (uint8 (N, H, W, C) under ``images``), sharded over the
+    """Sample ``n`` images into ``out`` (uint8 (N, H, W, C) under ``arr_0``), sharded over the
     torchrun ranks of this job (one process without torchrun) and over batches; resumable.
 
     Returns a summary (on every rank); only rank 0 writes ``out``. Shard files of an earlier run
     with different settings are refused rather than mixed in.
     """
     from ddim_fast import FusedSampler
-    from ddim_fast.data import atomic_write_bytes, to_uint8
+    from ddim_fast.data import NPZ_KEY, atomic_write_bytes, to_uint8
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected a positive number of images, got {n!r}")
@@ -262,7 +262,7 @@ def sample_npz(
         "shard_size": int(shard_size), "precision": precision,
         "T": int(schedule.T), "alphas_cumprod_sha256": hashlib.sha256(schedule.alphas_cumprod.numpy().tobytes()).hexdigest()[:16],
     }
-    meta_final = {**settings, "n": int(n), "layout": "uint8 (N, H, W, C)", "index": "images[i] is sample i of (seed, i)"}
+    meta_final = {**settings, "n": int(n), "layout": "uint8 (N, H, W, C)", "index": f"{NPZ_KEY}[i] is sample i of (seed, i)"}
     out = os.fspath(out)
     t0 = time.perf_counter()
     if os.path.isfile(out) and _read_npz_meta(out) == meta_final:  # every rank sees it: all return
@@ -306,7 +306,7 @@ def sample_npz(
             if os.path.isfile(path):
                 try:
                     with np.load(path, allow_pickle=False) as f:
-                        ok = f["images"].shape == (stop - start, shape[1], shape[2], shape[0])
+                        ok = f[NPZ_KEY].shape == (stop - start, shape[1], shape[2], shape[0])
                 except (OSError, ValueError, KeyError, EOFError):
                     ok = False
                 if ok:
@@ -315,7 +315,7 @@ def sample_npz(
             t_shard = time.perf_counter()
             with torch.no_grad():
                 x = _sample_batched(sampler, stop - start, shape, seed, batch_size, offset=start, device=device)
-            atomic_write_bytes(path, _npz_bytes(images=to_uint8(x)))
+            atomic_write_bytes(path, _npz_bytes(**{NPZ_KEY: to_uint8(x)}))
             computed += 1
             if log:
                 log(f"rank {rank}/{world}: shard {start}..{stop} in {time.perf_counter() - t_shard:.1f} s")
@@ -325,9 +325,9 @@ def sample_npz(
             parts = []
             for start, stop in shards:
                 with np.load(os.path.join(shard_dir, f"shard-{start:09d}-{stop:09d}.npz"), allow_pickle=False) as f:
-                    parts.append(f["images"])
+                    parts.append(f[NPZ_KEY])
             images = np.concatenate(parts)
-            atomic_write_bytes(out, _npz_bytes(images=images, meta=np.array(json.dumps(meta_final))))
+            atomic_write_bytes(out, _npz_bytes(**{NPZ_KEY: images}, meta=np.array(json.dumps(meta_final))))
             if not keep_shards:
                 shutil.rmtree(shard_dir, ignore_errors=True)
         if distributed:
@@ -1109,7 +1109,7 @@ def _cmd_figure(args) -> int:
 
 def _cmd_sample_sharded(args) -> int:
     """``sample --npz``: sharded over torchrun ranks and batches, resumable; a grid of the first images."""
-    from ddim_fast.data import save_grid
+    from ddim_fast.data import NPZ_KEY, save_grid
 
     if args.n < 1:
         raise SystemExit(f"ddim-fast sample: --n must be a positive number of images, got {args.n}")
@@ -1132,7 +1132,7 @@ def _cmd_sample_sharded(args) -> int:
     if rank == 0:
         if out_png:
             with np.load(args.npz, allow_pickle=False) as f:
-                first = f["images"][: min(args.n, 256)]
+                first = f[NPZ_KEY][: min(args.n, 256)]
             x = torch.from_numpy(first).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
             save_grid(x, out_png, nrow=getattr(args, "nrow", None), scale=getattr(args, "scale", None))
         print(f"wrote {args.npz} ({args.n} images, {world} process(es), {res['computed_shards']} shard(s) computed here, "

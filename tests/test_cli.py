@@ -74,7 +74,7 @@ def test_sample_from_a_training_run(run_dir, tmp_path):
     xa, xb = load_npz(str(a))[0], load_npz(str(b))[0]
     assert xa.shape == (3, 1, 8, 8) and not torch.equal(xa, xb)  # EMA and raw weights differ
     assert main([*common, "--out", str(tmp_path / "a2.png"), "--npz", str(tmp_path / "a2.npz")]) == 0
-    np.testing.assert_array_equal(np.load(a)["images"], np.load(tmp_path / "a2.npz")["images"])  # same seed
+    np.testing.assert_array_equal(np.load(a)["arr_0"], np.load(tmp_path / "a2.npz")["arr_0"])  # same seed
 
 
 def test_sample_with_a_multistep_solver(run_dir, tmp_path, capsys):
@@ -91,7 +91,7 @@ def test_sample_with_a_multistep_solver(run_dir, tmp_path, capsys):
         model, schedule = load_model(str(run_dir))
         sampler = FusedSampler(model, schedule=schedule, steps=6, skip="logsnr", solver=solver, precision="fp32")
         expected = to_uint8(sampler.sample(shape=(3, 1, 8, 8), seed=5).clamp(-1, 1))
-        np.testing.assert_array_equal(np.load(npz)["images"], expected)
+        np.testing.assert_array_equal(np.load(npz)["arr_0"], expected)
     assert main([*common, "--solver", "dpmpp_2m", "--eta", "1", "--out", str(tmp_path / "g.png")]) == 2
     assert "eta: the multistep solver" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -170,7 +170,7 @@ def test_sharded_sampling_is_independent_of_batch_and_shard_size(tiny, tmp_path)
         path = tmp_path / f"b{bs}.npz"
         experiments.sample_npz(model, schedule, 10, str(path), steps=5, batch_size=bs, shard_size=shard, log=None)
         with np.load(path, allow_pickle=False) as f:
-            outs.append(f["images"])
+            outs.append(f["arr_0"])
             assert json.loads(str(f["meta"]))["n"] == 10
     assert outs[0].dtype == np.uint8 and outs[0].shape == (10, 8, 8, 1)
     for o in outs[1:]:
@@ -187,7 +187,7 @@ def test_sharded_sampling_resumes_without_redoing_finished_shards(tiny, tmp_path
     experiments.sample_npz(counting, schedule, 10, out, keep_shards=True, **kw)
     assert counting.images == 10 * 4
     with np.load(out) as f:
-        full = f["images"]
+        full = f["arr_0"]
     # a run killed after some shards: the final file and one shard are missing
     os.unlink(out)
     os.unlink(os.path.join(out + ".shards", "shard-000000003-000000006.npz"))
@@ -195,7 +195,7 @@ def test_sharded_sampling_resumes_without_redoing_finished_shards(tiny, tmp_path
     res = experiments.sample_npz(counting, schedule, 10, out, **kw)
     assert counting.images == 3 * 4 and res["computed_shards"] == 1 and res["skipped_shards"] == 3
     with np.load(out) as f:
-        assert np.array_equal(f["images"], full)
+        assert np.array_equal(f["arr_0"], full)
     assert not os.path.exists(out + ".shards")
     counting.images = 0
     assert experiments.sample_npz(counting, schedule, 10, out, **kw)["complete"] and counting.images == 0
@@ -226,8 +226,8 @@ def test_torchrun_two_processes_equal_one_process_byte_for_byte(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 1/2" in proc.stderr and "rank 0/2" in proc.stderr
     with np.load(one) as a, np.load(two) as b:
-        assert a["images"].shape == (10, 8, 8, 1)
-        assert a["images"].tobytes() == b["images"].tobytes()
+        assert a["arr_0"].shape == (10, 8, 8, 1)
+        assert a["arr_0"].tobytes() == b["arr_0"].tobytes()
     assert Image.open(tmp_path / "two.png").size[0] > 8
 
 
@@ -281,7 +281,7 @@ def test_ddim_fast_cli_routes_npz_through_sharded_sampling_and_has_eval_and_figu
     assert main(["sample", "--ckpt", ckpt, "--n", "5", "--steps", "3", "--shard-size", "2", "--nrow", "5", "--scale", "1",
                  "--out", str(png), "--npz", str(npz), "--threads", "1"]) == 0
     with np.load(npz) as f:
-        assert f["images"].shape == (5, 8, 8, 1) and "meta" in f.files
+        assert f["arr_0"].shape == (5, 8, 8, 1) and "meta" in f.files
     assert Image.open(png).size == (5 * 9 + 1, 9 + 1)
     assert sorted(os.listdir(tmp_path)) == ["grid.png", "x.npz"]
     fig = tmp_path / "seq.png"
