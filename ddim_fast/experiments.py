@@ -1047,26 +1047,37 @@ def _setup(args):
     return _load(args.ckpt, device=args.device, weights=args.weights)
 
 
-def npz_scores(path: str, batch_size: int = 5000) -> Dict[str, Any]:
+def npz_scores(path: str, batch_size: int = 5000, subset_size: Optional[int] = None) -> Dict[str, Any]:
     """Frechet distance (digit-classifier features, vs all 1,797 digits) and label distribution of
-    the images of a uint8 ``.npz`` (what ``sample --npz`` writes), in batches of ``batch_size``."""
+    the images of a uint8 ``.npz`` (what ``sample --npz`` writes), in batches of ``batch_size``.
+
+    ``subset_size``: also the Frechet distance of each disjoint run of that many consecutive
+    images, with their mean and standard deviation: the measure's own spread at that sample count.
+    """
     from ddim_fast import metrics
     from ddim_fast.data import load_npz
 
     x, _ = load_npz(path)
     if tuple(x.shape[1:]) != (1, 16, 16):
         raise ValueError(f"npz: the digit classifier scores 1x16x16 digits, {path} holds {tuple(x.shape[1:])} images")
+    ref = metrics.reference_statistics()
     mu, sigma = metrics.feature_statistics(x, batch_size=batch_size)
-    labels = metrics.label_distribution(x)
-    return {"npz": path, "n": int(x.shape[0]), "fd": metrics.frechet_distance(mu, sigma, *metrics.reference_statistics()),
-            "labels": labels}
+    out = {"npz": path, "n": int(x.shape[0]), "fd": metrics.frechet_distance(mu, sigma, *ref),
+           "labels": metrics.label_distribution(x)}
+    if subset_size is not None:
+        if not 2 <= subset_size <= x.shape[0] // 2:
+            raise ValueError(f"subset_size: expected 2 .. n/2 = {x.shape[0] // 2} images, got {subset_size}")
+        fds = [metrics.frechet_distance(*metrics.feature_statistics(x[i : i + subset_size], batch_size=batch_size), *ref)
+               for i in range(0, x.shape[0] - subset_size + 1, subset_size)]
+        out["subsets"] = {"size": subset_size, "fd": fds, "mean": float(np.mean(fds)), "sd": float(np.std(fds, ddof=1))}
+    return out
 
 
 def _cmd_eval(args) -> int:
     if args.which == "fd":
         if not args.npz:
             raise SystemExit("ddim-fast eval fd: --npz FILE is required")
-        print(json.dumps(npz_scores(args.npz)))
+        print(json.dumps(npz_scores(args.npz, subset_size=args.subset_size)))
         return 0
     if args.n is None:
         args.n = {"table1": 500, "table2": 100, "timing": 16, "solvers": 1000}[args.which]
@@ -1167,6 +1178,8 @@ def register(subparsers) -> None:
                               "solvers (multistep at S vs DDIM at 5 S).")
     e.add_argument("which", choices=("table1", "table2", "timing", "solvers", "fd"))
     e.add_argument("--npz", default=None, help="fd: a uint8 image .npz (e.g. from `sample --npz`) to score against the digits")
+    e.add_argument("--subset-size", type=int, default=None,
+                   help="fd: also score disjoint subsets of this many images (the measure's spread at that n)")
     _common(e)
     e.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"where the .md/.png/.json go (default {DEFAULT_OUT_DIR})")
     e.add_argument("--n", type=int, default=None, help="samples per cell (table1: 500), test digits (table2: 100), batch (timing: 16)")

@@ -304,6 +304,11 @@ def test_eval_fd_scores_an_npz(tmp_path, capsys):
     got = json.loads(capsys.readouterr().out)
     assert got["n"] == len(x) and got["fd"] < 0.05 and got["labels"]["coverage"] == 10
     assert experiments.npz_scores(str(blurred))["fd"] > 10 * max(got["fd"], 0.1)
+    assert main(["eval", "fd", "--npz", str(real), "--subset-size", "500"]) == 0
+    sub = json.loads(capsys.readouterr().out)["subsets"]
+    assert len(sub["fd"]) == len(x) // 500 and sub["sd"] > 0 and min(sub["fd"]) > got["fd"]  # smaller n: more bias
+    with pytest.raises(ValueError, match="subset_size"):
+        experiments.npz_scores(str(real), subset_size=len(x))
     small = tmp_path / "small.npz"
     np.savez(small, images=np.zeros((4, 8, 8, 1), np.uint8))
     assert main(["eval", "fd", "--npz", str(small)]) == 2
