@@ -100,8 +100,12 @@ def test_unet_trajectory_vs_diffusers(benchmark, report_ratio):
          "fused_fp32": lambda: exact.sample(x_T)},
         rounds=ROUNDS, warmup=0,
     )
+    # The model alone, fed as the fp32 sampler feeds it (channels_last on CPUs: see FusedSampler).
+    plan = exact._plan("sample", B, torch.device("cpu"), 0, 0, None)
+    nhwc = exact._use_channels_last(torch.device("cpu"), x_T.shape, plan.model_dtype)
+    x_in = x_T.contiguous(memory_format=torch.channels_last) if nhwc else x_T
     with torch.inference_mode():
-        t_model = median_seconds(lambda: unet(x_T, torch.full((B,), 500)), repeat=10, warmup=2)
+        t_model = median_seconds(lambda: unet(x_in, torch.full((B,), 500)), repeat=10, warmup=2)
     ref_diffusers = _diffusers_loop(unet, scheduler, x_T)
     speedup_default = paired_ratio(times, "diffusers_fp32", "fused_default")
     speedup_fp32 = paired_ratio(times, "diffusers_fp32", "fused_fp32")
@@ -116,6 +120,7 @@ def test_unet_trajectory_vs_diffusers(benchmark, report_ratio):
             "default_precision": str(fast._plan("sample", B, torch.device("cpu"), 0, 0, None).model_dtype),
             "sampler_overhead_ms_per_step_fp32": 1e3 * (median["fused_fp32"] - S * t_model) / S,
             "model_ms_per_call_fp32": 1e3 * t_model,
+            "fp32_input_channels_last": nhwc,
             "images_per_s_default": B / median["fused_default"],
             "rms_diff_default_vs_fp32": rms_default,
             "rms_diff_diffusers_bf16_autocast_vs_fp32": rms_diffusers_bf16,
