@@ -456,7 +456,9 @@ def render_table1(data: Dict[str, Any], out_dir: str, *, n: int, seed: int, spre
             lines.append(f"| {_eta_name(eta) if eta != 'ddpm_large' else 'sigma-hat (ddpm_large)'} | "
                          + " | ".join(_fmt(get(skip, S, eta, seed)) for S in steps) + " |")
         lines.append("")
-    if floor is not None:
+    if floor is not None and floor["n"] < n:
+        lines += [f"Real-data floor: none at this n (the reference set has only {floor['n']} digits).", ""]
+    elif floor is not None:
         lines += [f"Real-data floor: {floor['n']} real digits (a subset of the reference set) score {floor['fd']:.2f}; "
                   "this is mostly the estimator's finite-sample bias at this n.", ""]
     if spread_seed is not None:
