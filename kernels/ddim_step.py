@@ -230,6 +230,45 @@ def _check_device(device: torch.device, what: str) -> None:
     raise RuntimeError(f"ddim_fast Triton kernel: {what} is on {device}, which this kernel cannot run on{hint}")
 
 
+def _check_like_x(x, named: dict, *, inputs, outputs):
+    """x: a tensor with a batch dimension on a supported device; every tensor of ``named`` has x's
+    shape and device; x and the ``inputs`` among them are float, the ``outputs`` float32.
+    Returns (device, shape)."""
+    if not torch.is_tensor(x) or x.ndim < 1:
+        raise ValueError("x: expected a tensor with a leading batch dimension")
+    device = x.device
+    _check_device(device, "x")
+    shape = tuple(x.shape)
+    for name, t in named.items():
+        if not torch.is_tensor(t):
+            raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape} (that of x), got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} (x's device), got {t.device}")
+    for name, t in [("x", x)] + [(n, named[n]) for n in inputs if n in named]:
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}: expected float32, float16, bfloat16 or float64, got {t.dtype}")
+    for name in outputs:
+        if name in named and named[name].dtype != torch.float32:
+            raise ValueError(f"{name}: expected a float32 tensor, got {named[name].dtype}")
+    return device, shape
+
+
+def _check_table_row(coef, step, prediction, device: torch.device, *, columns: int, what: str) -> None:
+    """The (S, columns) float32 table on x's device, an integer row of it, a prediction code."""
+    if not torch.is_tensor(coef) or coef.ndim != 2 or coef.shape[1] != columns or coef.dtype != torch.float32:
+        got = f"{coef.dtype} {tuple(coef.shape)}" if torch.is_tensor(coef) else type(coef).__name__
+        raise ValueError(f"coef: expected the (S, {columns}) float32 {what}, got {got}")
+    if coef.device != device:
+        raise ValueError(f"coef: expected the table on {device} (x's device), got {coef.device}")
+    S = coef.shape[0]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < S:
+        raise ValueError(f"step: expected an integer row of the table in [0, {S}), got {step!r}")
+    if prediction not in (0, 1, 2):
+        raise ValueError(f"prediction: expected 0 (epsilon), 1 (v) or 2 (x0), got {prediction!r}")
+
+
 def _check_seed(seed: torch.Tensor, device: torch.device) -> None:
     if not torch.is_tensor(seed) or seed.dtype != torch.int64 or seed.numel() != 2 or seed.device != device:
         got = f"{seed.dtype} {tuple(seed.shape)} on {seed.device}" if torch.is_tensor(seed) else type(seed).__name__
@@ -284,39 +323,13 @@ def fused_step(
     so that a mistake is a clear ValueError, never an error from inside the kernel. ``out`` may
     alias ``x`` (each element is read before it is written, by the same program).
     """
-    if not torch.is_tensor(x) or x.ndim < 1:
-        raise ValueError("x: expected a tensor with a leading batch dimension")
-    device = x.device
-    _check_device(device, "x")
-    shape = tuple(x.shape)
     named = {"model_out": model_out, "out": out}
     if stochastic and noise is not None:
         named["noise"] = noise
     if x0_out is not None:
         named["x0_out"] = x0_out
-    for name, t in named.items():
-        if not torch.is_tensor(t):
-            raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape} (that of x), got {tuple(t.shape)}")
-        if t.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device} (x's device), got {t.device}")
-    for name, t in (("x", x), ("model_out", model_out), ("noise", named.get("noise"))):
-        if t is not None and t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name}: expected float32, float16, bfloat16 or float64, got {t.dtype}")
-    for name, t in (("out", out), ("x0_out", x0_out)):
-        if t is not None and t.dtype != torch.float32:
-            raise ValueError(f"{name}: expected a float32 tensor, got {t.dtype}")
-    if not torch.is_tensor(coef) or coef.ndim != 2 or coef.shape[1] != 5 or coef.dtype != torch.float32:
-        got = f"{coef.dtype} {tuple(coef.shape)}" if torch.is_tensor(coef) else type(coef).__name__
-        raise ValueError(f"coef: expected the (S, 5) float32 coefficient table, got {got}")
-    if coef.device != device:
-        raise ValueError(f"coef: expected the table on {device} (x's device), got {coef.device}")
-    S = coef.shape[0]
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < S:
-        raise ValueError(f"step: expected an integer row of the table in [0, {S}), got {step!r}")
-    if prediction not in (0, 1, 2):
-        raise ValueError(f"prediction: expected 0 (epsilon), 1 (v) or 2 (x0), got {prediction!r}")
+    device, shape = _check_like_x(x, named, inputs=("model_out", "noise"), outputs=("out", "x0_out"))
+    _check_table_row(coef, step, prediction, device, columns=5, what="coefficient table")
     _check_seed(seed, device)
 
     B = shape[0]

@@ -123,7 +123,7 @@ def _multistep_kernel(
 # --------------------------------------------------------------------------------------------
 
 # Shared with the DDIM kernel's launcher (same device rules, dtypes and interpreter check).
-from .ddim_step import _FLOAT_DTYPES, _check_device, _device_ctx, is_interpreted  # noqa: E402
+from .ddim_step import _check_like_x, _check_table_row, _device_ctx, is_interpreted  # noqa: E402
 
 
 def multistep_step(
@@ -144,27 +144,10 @@ def multistep_step(
     from inside the kernel. ``out`` may alias ``x`` (each element is read before it is written,
     by the same program); ``history`` must be contiguous (the sampler's static buffer).
     """
-    if not torch.is_tensor(x) or x.ndim < 1:
-        raise ValueError("x: expected a tensor with a leading batch dimension")
-    device = x.device
-    _check_device(device, "x")
-    shape = tuple(x.shape)
     named = {"model_out": model_out, "out": out}
     if x0_out is not None:
         named["x0_out"] = x0_out
-    for name, t in named.items():
-        if not torch.is_tensor(t):
-            raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape} (that of x), got {tuple(t.shape)}")
-        if t.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device} (x's device), got {t.device}")
-    for name, t in (("x", x), ("model_out", model_out)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name}: expected float32, float16, bfloat16 or float64, got {t.dtype}")
-    for name, t in (("out", out), ("x0_out", x0_out)):
-        if t is not None and t.dtype != torch.float32:
-            raise ValueError(f"{name}: expected a float32 tensor, got {t.dtype}")
+    device, shape = _check_like_x(x, named, inputs=("model_out",), outputs=("out", "x0_out"))
     if (
         not torch.is_tensor(history)
         or history.ndim != x.ndim + 1
@@ -178,16 +161,7 @@ def multistep_step(
         if torch.is_tensor(history):
             got = f"{history.dtype} {tuple(history.shape)} on {history.device}"
         raise ValueError(f"history: expected a contiguous float32 (H, *{shape}) ring with H in 1..3 on {device}, got {got}")
-    if not torch.is_tensor(coef) or coef.ndim != 2 or coef.shape[1] != 6 or coef.dtype != torch.float32:
-        got = f"{coef.dtype} {tuple(coef.shape)}" if torch.is_tensor(coef) else type(coef).__name__
-        raise ValueError(f"coef: expected the (S, 6) float32 multistep table, got {got}")
-    if coef.device != device:
-        raise ValueError(f"coef: expected the table on {device} (x's device), got {coef.device}")
-    S = coef.shape[0]
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < S:
-        raise ValueError(f"step: expected an integer row of the table in [0, {S}), got {step!r}")
-    if prediction not in (0, 1, 2):
-        raise ValueError(f"prediction: expected 0 (epsilon), 1 (v) or 2 (x0), got {prediction!r}")
+    _check_table_row(coef, step, prediction, device, columns=6, what="multistep table")
 
     N = x.numel()
     if N == 0:

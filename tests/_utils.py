@@ -99,3 +99,24 @@ def good_step_args(device="cpu"):
         x=x, model_out=m, coef=step_table32(device=device), step=0, seed=step_seed(device=device), prediction=0, clip=0.0,
         stochastic=True, noise=None, out=torch.empty(2, 3, 4, device=device), x0_out=None,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs of the fused multistep op (the C++ and Triton multistep tests share them)
+# ---------------------------------------------------------------------------------------------
+def multistep_table32(solver, S=10, schedule=None, device="cpu"):
+    """The float32 (S, 6) multistep table of ``solver`` on log-SNR timesteps (linear T=1000 schedule by default)."""
+    from ddim_fast import NoiseSchedule, solvers
+
+    schedule = schedule or NoiseSchedule.linear(1000)
+    tau = solvers.logsnr_timesteps(schedule, S)
+    return solvers.multistep_table(schedule, tau, solver).to(torch.float32).to(device)
+
+
+def good_multistep_args(device="cpu"):
+    """A valid argument set of the multistep op (2x3x4, dpmpp_2m), for tests that break one argument at a time."""
+    return dict(
+        x=torch.randn(2, 3, 4, device=device), model_out=torch.randn(2, 3, 4, device=device),
+        coef=multistep_table32("dpmpp_2m", device=device), step=0, prediction=0, clip=0.0,
+        history=torch.zeros(2, 2, 3, 4, device=device), out=torch.empty(2, 3, 4, device=device), x0_out=None,
+    )  # fmt: skip

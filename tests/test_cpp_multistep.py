@@ -17,7 +17,8 @@ import warnings
 import pytest
 import torch
 
-from _utils import TinyConvModel as _Tiny, assert_close
+from _utils import TinyConvModel as _Tiny, assert_close, good_multistep_args as _good_args
+from _utils import multistep_table32 as _table
 from ddim_fast import FusedSampler, NoiseSchedule, _ext, ops, solvers
 from ddim_fast.reference import PREDICTIONS
 
@@ -49,10 +50,6 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
-def _table(solver, S=10, schedule=None):
-    schedule = schedule or NoiseSchedule.linear(1000)
-    tau = solvers.logsnr_timesteps(schedule, S)
-    return solvers.multistep_table(schedule, tau, solver).to(torch.float32)
 
 
 def _inputs(shape, H, dtype=torch.float32, seed=0):
@@ -234,12 +231,6 @@ def test_thread_count_does_not_change_a_bit(C, restore_threads, solver):
 # --------------------------------------------------------------------------------------------
 
 
-def _good_args():
-    x = torch.randn(2, 3, 4)
-    return dict(
-        x=x, model_out=torch.randn(2, 3, 4), coef=_table("dpmpp_2m"), step=0, prediction=0, clip=0.0,
-        history=torch.zeros(2, 2, 3, 4), out=torch.empty(2, 3, 4), x0_out=None,
-    )  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from _utils import EagerReplayCapturer, TinyConvModel as _Tiny, assert_close
+import functools
+
+from _utils import EagerReplayCapturer, TinyConvModel as _Tiny, assert_close, good_multistep_args, multistep_table32
 from ddim_fast import FusedSampler, NoiseSchedule, ops, solvers
 from ddim_fast.graphs import GraphCache
 from ddim_fast.kernels import multistep as K
@@ -27,6 +29,8 @@ from ddim_fast.reference import PREDICTIONS, GaussianMixtureEps
 from ddim_fast.schedule import step_table
 
 DEVICE = torch.device("cpu") if K.is_interpreted() else torch.device("cuda")
+_ms_table = functools.partial(multistep_table32, device=DEVICE)
+_good_args = functools.partial(good_multistep_args, device=DEVICE)
 needs_kernel = pytest.mark.skipif(
     not K.is_interpreted() and not torch.cuda.is_available(),
     reason="ddim_fast.kernels.multistep was imported before TRITON_INTERPRET=1 and there is no GPU",
@@ -156,10 +160,6 @@ def test_logsnr_timesteps_are_uniform_in_log_snr():
 # --------------------------------------------------------------------------------------------
 
 
-def _ms_table(solver, S=10):
-    sched = NoiseSchedule.linear(1000)
-    tau = solvers.logsnr_timesteps(sched, S)
-    return solvers.multistep_table(sched, tau, solver).to(torch.float32).to(DEVICE)
 
 
 def _ms_run(impl, x, m, coef, step, prediction, clip, history, dtype=torch.float32, **kw):
@@ -253,12 +253,6 @@ def test_kernel_noncontiguous_and_low_precision_inputs():
     assert torch.equal(out, ref[0]) and torch.equal(x0_out, ref[1]) and torch.equal(hist, ref[2])
 
 
-def _good_args():
-    x = torch.randn(2, 3, 4)
-    return dict(
-        x=x, model_out=torch.randn(2, 3, 4), coef=_ms_table("dpmpp_2m"), step=0, prediction=0, clip=0.0,
-        history=torch.zeros(2, 2, 3, 4), out=torch.empty(2, 3, 4), x0_out=None,
-    )  # fmt: skip
 
 
 @needs_kernel
