@@ -42,6 +42,21 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     CXX_FLAGS.append("-mprefer-vector-width=512")
 LD_FLAGS = ["-fopenmp"]
 
+
+def _layout_defines() -> list:
+    """ddim_fast/layout.py's -D flags, read without importing the package (setup.py loads this file)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "layout.py")
+    spec = importlib.util.spec_from_file_location("_ddim_fast_layout", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cxx_defines()
+
+
+# The column layout of the coefficient table is defined once, in layout.py.
+CXX_FLAGS += _layout_defines()
+
 _LOCK = threading.Lock()
 
 

@@ -15,13 +15,15 @@ The step (Eq. 12 of the DDIM paper), for coefficient row
 
 The noise z at (seed, global sample index n, step k, element j of the sample) is
 
-    r0, r1, r2, r3 = Philox4x32-10(counter = (j // 4, n, k, stream), key = (seed_lo, seed_hi))
+    r0, r1, r2, r3 = Philox4x32-10(counter = (j // 4, n mod 2^32, k, stream + (n >> 32) * 2^16),
+                                   key = (seed_lo, seed_hi))
     u_i = float32(int32(r_i) if >= 0 else ~int32(r_i)) * 4.6566127342e-10      (Triton's uint_to_uniform_float)
     (z0, z1) = BoxMuller(u0, u1), (z2, z3) = BoxMuller(u2, u3)                  (Triton's pair_uniform_to_normal)
     z = (z0, z1, z2, z3)[j % 4]
 
 with stream 0 for x_T and stream 1 for the per-step noise; one Philox call feeds four
-outputs. The same numbers as ``triton.language.randn4x`` with the full 128-bit counter used.
+outputs. Sample indices n < 2^48 (``layout.MAX_SAMPLES``): bits 32..47 of n share counter word 3
+with the stream, so every n below 2^32 keeps the numbers it always had. The same numbers as ``triton.language.randn4x`` with the full 128-bit counter used.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+
+from ddim_fast import layout
 
 __all__ = [
     "PREDICTIONS",
@@ -38,15 +42,14 @@ __all__ = [
     "uint32_to_uniform",
     "box_muller",
     "gaussian",
+    "check_sample_range",
     "fused_step",
-    "ddim_step",
     "GaussianMixtureEps",
 ]
 
-# Prediction types, in the integer encoding the op and the kernels use.
-PREDICTIONS = {"epsilon": 0, "v": 1, "x0": 2}
-STREAM_X_T = 0
-STREAM_STEP = 1
+PREDICTIONS = layout.PREDICTIONS
+STREAM_X_T = layout.STREAM_X_T
+STREAM_STEP = layout.STREAM_STEP
 
 _MASK32 = 0xFFFFFFFF
 PHILOX_ROUND_A = 0xD2511F53  # multiplies counter word 0
@@ -103,6 +106,17 @@ def _split_seed(seed: int):
     return seed & _MASK32, (seed >> 32) & _MASK32
 
 
+def check_sample_range(sample_offset: int, batch: int, name: str = "batch_offset") -> None:
+    """sample_offset .. sample_offset + batch - 1 must be global sample indices in [0, 2**48)."""
+    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
+        raise ValueError(f"{name}: expected a non-negative integer, got {sample_offset!r}")
+    if sample_offset + max(int(batch), 1) > layout.MAX_SAMPLES:
+        raise ValueError(
+            f"{name}: the last sample index {sample_offset + max(int(batch), 1) - 1} does not fit the noise "
+            f"generator's 48-bit sample counter (at most {layout.MAX_SAMPLES - 1})"
+        )
+
+
 def gaussian(
     seed: int,
     shape: Sequence[int],
@@ -128,8 +142,10 @@ def gaussian(
     groups = (D + 3) // 4
     dev = torch.device(device) if device is not None else torch.device("cpu")
     g = torch.arange(groups, dtype=torch.int64, device=dev).expand(B, groups)
+    check_sample_range(int(sample_offset), B, "sample_offset")
     n = (torch.arange(B, dtype=torch.int64, device=dev) + int(sample_offset))[:, None].expand(B, groups)
-    r = philox4x32(g, n, torch.full_like(g, int(step)), torch.full_like(g, int(stream)), k0, k1)
+    c3 = (n >> 32) * (1 << layout.STREAM_BITS) + int(stream)
+    r = philox4x32(g, n, torch.full_like(g, int(step)), c3, k0, k1)
     u = [uint32_to_uniform(w) for w in r]
     z0, z1 = box_muller(u[0], u[1])
     z2, z3 = box_muller(u[2], u[3])
@@ -140,27 +156,34 @@ def gaussian(
 def fused_step(
     x: torch.Tensor,
     model_out: torch.Tensor,
-    coef: torch.Tensor,
+    table: torch.Tensor,
     step: int,
     seed: torch.Tensor,
     prediction: int,
     clip: float,
-    stochastic: bool,
+    history_kind: int,
+    history: Optional[torch.Tensor],
+    saved: Optional[torch.Tensor],
     noise: Optional[torch.Tensor],
     out: torch.Tensor,
-    x0_out: Optional[torch.Tensor] = None,
+    x0_out: Optional[torch.Tensor],
+    flags: Optional[torch.Tensor],
     compute_dtype: torch.dtype = torch.float32,
 ) -> None:
-    """The fused-step contract of DESIGN.md, in plain PyTorch; writes ``out`` (and ``x0_out``).
+    """The fused-step contract of ``ddim_fast.layout`` in plain PyTorch (the oracle of every backend).
 
-    Arguments are those of the ``ddim_fast::step`` op: ``coef`` is the (S, 5) table, ``step`` the
-    row, ``seed`` an int64 tensor ``(seed, sample_offset)``, ``prediction`` 0/1/2 for
-    epsilon/v/x0, ``clip`` > 0 clamps x0 to [-clip, clip], ``stochastic`` adds sigma * z
-    (``noise`` if given, else the Philox stream 1 at this step). ``compute_dtype=float64`` makes
-    it the float64 oracle of the tests.
+    Arguments are those of the ``ddim_fast::step`` op (``ddim_fast.ops.step``): ``table`` the
+    (S, NUM_COLUMNS) coefficient table and ``step`` its row; ``seed`` an int64 tensor
+    ``(seed, sample_offset)``; ``prediction`` 0/1/2 for epsilon/v/x0; ``clip`` > 0 clamps x0;
+    ``history_kind`` 0/1: the ring ``history`` (R, *x.shape) keeps x0 or eps; ``saved``: the
+    predictor-corrector's state, updated in place; ``noise``: explicit z instead of the Philox
+    stream 1 at this step; writes ``out``, ``x0_out`` and ``flags[step]`` when given.
+    ``compute_dtype=float64`` makes it the float64 oracle of the tests. It reads the seed on the
+    host only when it draws noise (the kernels read it on the device).
     """
-    row = coef[step].to(compute_dtype)
-    sa_t, s1m_t, sa_p, c_dir, sigma = row.unbind(0)
+    row = table[step].to(compute_dtype)
+    sa_t = row[layout.SQRT_ALPHA]
+    s1m_t = row[layout.SQRT_ONE_MINUS_ALPHA]
     xf = x.to(compute_dtype)
     m = model_out.to(compute_dtype)
     if prediction == 0:
@@ -176,49 +199,40 @@ def fused_step(
         raise ValueError(f"prediction: expected 0 (epsilon), 1 (v) or 2 (x0), got {prediction!r}")
     if clip > 0:
         x0 = x0.clamp(-clip, clip)
-    x_prev = sa_p * x0 + c_dir * eps
-    if stochastic:
+    zero = torch.zeros((), dtype=compute_dtype, device=x.device)
+
+    def combine(c_x, c_x0, c_eps, c_saved, c_h):
+        acc = row[c_x] * xf + row[c_x0] * x0 + row[c_eps] * eps
+        if saved is not None:
+            acc = acc + torch.where(row[c_saved] != 0, row[c_saved] * saved.to(compute_dtype), zero)
+        if history is not None:
+            R = history.shape[0]
+            for j in range(1, min(layout.HISTORY_TERMS, R) + 1):
+                c = row[c_h + j - 1]
+                acc = acc + torch.where(c != 0, c * history[(step - j) % R].to(compute_dtype), zero)
+        return acc
+
+    x_next = combine(layout.C_X, layout.C_X0, layout.C_EPS, layout.C_SAVED, layout.C_H)
+    sigma = row[layout.SIGMA]
+    if bool(sigma != 0):
         if noise is not None:
             z = noise.to(compute_dtype)
         else:
-            seed_host = seed.tolist()  # the reference may sync; the kernels read the seed on device
+            seed_host = seed.tolist()
             z = gaussian(
                 int(seed_host[0]), x.shape, step=step, stream=STREAM_STEP, sample_offset=int(seed_host[1]), device=x.device
             ).to(compute_dtype)
-        x_prev = x_prev + sigma * z
-    out.copy_(x_prev)
+        x_next = x_next + sigma * z
+    if saved is not None:
+        saved.copy_(combine(layout.D_X, layout.D_X0, layout.D_EPS, layout.D_SAVED, layout.D_H))
+    if history is not None:
+        history[step % history.shape[0]].copy_(eps if history_kind == layout.HISTORY_KINDS["eps"] else x0)
+    if flags is not None:
+        flags[step, layout.FLAG_MODEL] = (~torch.isfinite(m)).any().to(flags.dtype)
+        flags[step, layout.FLAG_STATE] = (~torch.isfinite(x_next)).any().to(flags.dtype)
+    out.copy_(x_next)
     if x0_out is not None:
         x0_out.copy_(x0)
-
-
-def ddim_step(
-    x: torch.Tensor,
-    model_out: torch.Tensor,
-    alpha_t: float,
-    alpha_prev: float,
-    sigma: float = 0.0,
-    noise: Optional[torch.Tensor] = None,
-    prediction: str = "epsilon",
-) -> torch.Tensor:
-    """Eq. 12 written out in float64 from the alphas themselves (an independent check of the table)."""
-    x = x.double()
-    m = model_out.double()
-    a_t = torch.tensor(alpha_t, dtype=torch.float64)
-    if prediction == "epsilon":
-        eps = m
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    elif prediction == "v":
-        x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * m
-        eps = a_t.sqrt() * m + (1 - a_t).sqrt() * x
-    elif prediction == "x0":
-        x0 = m
-        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-    else:
-        raise ValueError(f"prediction: unknown {prediction!r}")
-    out = alpha_prev**0.5 * x0 + (1 - alpha_prev - sigma**2) ** 0.5 * eps
-    if sigma > 0:
-        out = out + sigma * noise.double()
-    return out
 
 
 class GaussianMixtureEps(torch.nn.Module):

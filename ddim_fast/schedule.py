@@ -1,8 +1,8 @@
-"""Noise schedules, trajectory (tau) selection, sigma(eta), and the per-step coefficient table.
+"""Noise schedules, trajectory (tau) selection and sigma(eta); the solvers' tables are in ``solvers``.
 
 Everything here is computed once per sampler, on the host, in float64 (the paper's alphas are
 products of up to 1000 factors: float32 loses ~1e-5 relative by the end of a linear schedule).
-The table that the fused step reads is then stored as float32 on the sampling device.
+The tables that the fused step reads (``ddim_fast.solvers``) are stored as float32 on the device.
 
 Notation follows the DDIM paper (Song, Meng & Ermon, 2021): ``alpha_t`` is the *cumulative*
 product (the DDPM paper's alpha-bar), ``tau`` is the increasing sub-sequence of training
@@ -22,16 +22,10 @@ __all__ = [
     "NoiseSchedule",
     "select_timesteps",
     "sigmas_for_eta",
-    "step_table",
-    "inverse_step_table",
     "SKIP_TYPES",
-    "COEF_COLUMNS",
 ]
 
 SKIP_TYPES = ("uniform", "quad", "trailing", "linspace")
-
-# Column order of the per-step coefficient table (DESIGN.md, "The fused step").
-COEF_COLUMNS = ("sqrt_alpha_t", "sqrt_one_minus_alpha_t", "sqrt_alpha_prev", "c_dir", "sigma")
 
 EtaLike = Union[float, int, str]
 
@@ -189,43 +183,3 @@ def sigmas_for_eta(alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: EtaLike
         return sigma_ddpm, torch.sqrt(ratio)
     s = float(eta) * sigma_ddpm
     return s, s
-
-
-def step_table(schedule: NoiseSchedule, tau: np.ndarray, eta: EtaLike = 0.0) -> torch.Tensor:
-    """The (S, 5) float64 coefficient table of the generative steps, first (noisiest) step first.
-
-    Row k, for t = tau[S-1-k] and prev = tau[S-2-k] (alpha_prev := 1 past the end):
-    sqrt(alpha_t), sqrt(1 - alpha_t), sqrt(alpha_prev), c_dir = sqrt(1 - alpha_prev - sigma^2), sigma.
-    The last row has sigma = 0: with alpha_prev = 1 it returns the x0-prediction.
-    """
-    a = schedule.alphas_cumprod
-    t_desc = torch.as_tensor(tau[::-1].copy())
-    alpha_t = a[t_desc]
-    alpha_prev = torch.cat([a[t_desc[1:]], torch.ones(1, dtype=torch.float64)])
-    sigma_dir, sigma_noise = sigmas_for_eta(alpha_t, alpha_prev, eta)
-    # For eta > 1 the direction term would need sqrt of a negative number (sigma^2 > 1 - alpha_prev).
-    c_dir2 = 1.0 - alpha_prev - sigma_dir**2
-    if (c_dir2 < -1e-12).any():
-        raise ValueError(f"eta: {eta!r} makes sigma^2 exceed 1 - alpha_prev (Eq. 12 needs eta <= 1 here)")
-    return torch.stack(
-        [alpha_t.sqrt(), (1.0 - alpha_t).sqrt(), alpha_prev.sqrt(), c_dir2.clamp_min(0.0).sqrt(), sigma_noise],
-        dim=1,
-    )
-
-
-def inverse_step_table(schedule: NoiseSchedule, tau: np.ndarray) -> torch.Tensor:
-    """The (S, 5) float64 table of the encoding (DDIM inversion) steps, cleanest step first.
-
-    Step k moves x from alpha_cur = alpha[tau[k-1]] (alpha := 1 for k = 0, the data) to
-    alpha_next = alpha[tau[k]] with the model evaluated at timestep tau[k]: the same fused
-    update with row (sqrt(alpha_cur), sqrt(1 - alpha_cur), sqrt(alpha_next), sqrt(1 - alpha_next), 0),
-    i.e. the deterministic Eq. 12 run backwards (the ODE of Eq. 14 integrated from t = 0 to T).
-    """
-    a = schedule.alphas_cumprod
-    t_asc = torch.as_tensor(np.asarray(tau, dtype=np.int64))
-    alpha_next = a[t_asc]
-    alpha_cur = torch.cat([torch.ones(1, dtype=torch.float64), alpha_next[:-1]])
-    return torch.stack(
-        [alpha_cur.sqrt(), (1.0 - alpha_cur).sqrt(), alpha_next.sqrt(), (1.0 - alpha_next).sqrt(), torch.zeros_like(a[t_asc])],
-        dim=1,
-    )
