@@ -113,14 +113,7 @@ def _eta_name(eta) -> str:
     return "ddpm_large" if eta == "ddpm_large" else f"{float(eta):g}"
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """First 16 hex digits of a SHA-256 over the model's state dict (names, dtypes, bytes)."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(str(v.dtype).encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+from ddim_fast.nn import model_fingerprint  # noqa: E402  (re-exported: the caches key on it)
 
 
 def _load(ckpt: Optional[str], device: str = "cpu", weights: str = "ema"):

@@ -1,14 +1,14 @@
 """Capture of a whole trajectory (every model call and every fused step) as one CUDA graph.
 
-The sampler's loop (``FusedSampler._loop``) already runs on static buffers: the states x_t
+The trajectory loop (``ddim_fast.trajectory.run``) already runs on static buffers: the states x_t
 live in a preallocated ping-pong (or trajectory) buffer, the per-step timestep tensors and the
 coefficient table are on the device before the first step, the seed is read from device memory
 by the kernels, and nothing reads a device value on the host. This module runs that same loop
 under ``torch.cuda.graph`` once per configuration and replays it afterwards:
 
-- one entry per (kind, shape, steps, eta, precision, backend, recording, explicit noise,
-  guidance, the shapes of the conditioning tensors): the
-  sampler owns its model, schedule and options, so the cache lives on the sampler;
+- one entry per ``Plan.graph_key`` (the table, the model and its wrapping, the shape, precision,
+  backend, recording, explicit noise, the shapes of the conditioning tensors); the cache lives
+  on the sampler, which owns the model;
 - inputs (x_T, the seed and batch offset, explicit noise, conditioning) are copied into the entry's static
   buffers before each replay, so a new seed draws new noise without recapture;
 - the first call warms up on a side stream (cuDNN/cuBLAS autotuning, lazy init) and returns
@@ -29,7 +29,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-__all__ = ["GraphCache", "graph_key"]
+__all__ = ["GraphCache"]
 
 
 class _CudaCapturer:
@@ -56,37 +56,15 @@ class _CudaCapturer:
         return graph.replay
 
 
-def graph_key(sampler, plan, x_start: torch.Tensor, record: bool) -> tuple:
-    """What a captured trajectory depends on (everything else is read from static buffers)."""
-    return (
-        plan.kind,
-        tuple(x_start.shape),
-        str(x_start.device),
-        sampler.num_steps,
-        str(sampler.eta),
-        str(plan.model_dtype),
-        plan.backend,
-        sampler.prediction,
-        sampler.clip_x0,
-        bool(record),
-        plan.noise is not None,
-        plan.guidance_scale,
-        plan.solver,
-        tuple(
-            (k, (tuple(v.shape), str(v.dtype), str(v.device)) if torch.is_tensor(v) else repr(v))
-            for k, v in sorted(plan.model_kwargs.items())
-        ),
-    )
-
-
 @dataclasses.dataclass
 class _Entry:
-    plan: object  # the sampler's _Plan whose seed/noise tensors are this entry's static inputs
-    bufs: object  # the sampler's _Buffers: static states, x0-predictions and finite-flags
+    plan: object  # a static copy of the first plan: its seed/noise/conditioning tensors are the graph's inputs
+    bufs: object  # trajectory.Buffers: static states, x0-predictions, ring and finite flags
     replay: Optional[Callable[[], None]] = None
 
     def load(self, plan, x_start: torch.Tensor) -> None:
         self.bufs.xs[0].copy_(x_start)
+        self.bufs.flags.zero_()
         self.plan.seed.copy_(plan.seed)
         if plan.noise is not None:
             self.plan.noise.copy_(plan.noise)
@@ -96,7 +74,7 @@ class _Entry:
 
 
 class GraphCache:
-    """Captured trajectories of one sampler, keyed by ``graph_key``."""
+    """Captured trajectories, keyed by ``Plan.graph_key``."""
 
     def __init__(self, capturer=None):
         self._capturer = capturer if capturer is not None else _CudaCapturer()
@@ -118,35 +96,47 @@ class GraphCache:
         if hasattr(self._capturer, "pool"):
             self._capturer.pool = None
 
-    def run(self, sampler, plan, x_start: torch.Tensor, record: bool):
-        """The trajectory's buffers (cloned), or None when this configuration must run eagerly."""
-        key = graph_key(sampler, plan, x_start, record)
+    def run(self, plan, x_start: torch.Tensor, record: bool):
+        """The trajectory's buffers, or None when this configuration must run eagerly.
+
+        The buffers are the entry's static ones: the caller clones what it returns before the
+        next replay can overwrite them.
+        """
+        key = plan.graph_key(x_start, record)
         if key in self._failed:
             return None
         entry = self._entries.get(key)
         if entry is None:
-            return self._first_run(key, sampler, plan, x_start, record)
+            return self._first_run(key, plan, x_start, record)
         entry.load(plan, x_start)
         entry.replay()
-        return entry.bufs  # the sampler clones what it returns before the next replay can touch it
+        return entry.bufs
 
-    def _first_run(self, key, sampler, plan, x_start, record):
+    def _first_run(self, key, plan, x_start, record):
+        from ddim_fast import trajectory
+
         static_plan = dataclasses.replace(
             plan,
             seed=plan.seed.clone(),
             noise=plan.noise.clone() if plan.noise is not None else None,
             model_kwargs={k: v.clone() if torch.is_tensor(v) else v for k, v in plan.model_kwargs.items()},
         )
-        bufs = sampler._buffers(static_plan, x_start, record)
+        bufs = trajectory.allocate(static_plan, x_start, record)
         entry = _Entry(plan=static_plan, bufs=bufs)
 
         def loop():
-            sampler._loop(static_plan, bufs, capturing=True)
+            trajectory.run(static_plan, bufs, capturing=True)
 
         # Warm-up runs the real computation: its result is this call's answer.
         self._capturer.warmup(loop)
-        result = _clone(bufs)
+        result = dataclasses.replace(
+            bufs,
+            xs=bufs.xs.clone(),
+            x0s=bufs.x0s.clone() if bufs.x0s is not None else None,
+            flags=bufs.flags.clone(),
+        )
         try:
+            bufs.flags.zero_()  # the captured loop must start from clear flags
             entry.replay = self._capturer.capture(loop)
         except Exception as e:  # noqa: BLE001 - any capture failure means "run eagerly"
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -161,12 +151,3 @@ class GraphCache:
             return result
         self._entries[key] = entry
         return result
-
-
-def _clone(bufs):
-    return dataclasses.replace(
-        bufs,
-        xs=bufs.xs.clone(),
-        x0s=bufs.x0s.clone() if bufs.x0s is not None else None,
-        flags=bufs.flags.clone(),
-    )
