@@ -95,14 +95,15 @@ class FusedSampler:
             "decode": solvers.build(solver, schedule, self._tau, 0.0),
             "encode": solvers.ddim_inversion(schedule, self._tau),
         }
-        for table in self._tables.values():
-            table.check("schedule")
+        for kind, table in self._tables.items():
+            _check_conversion(kind, table, prediction, self._tau)
         sample = self._tables["sample"]
         reads_x0 = bool((sample.table[:, layout.C_X0] != 0).any()) or (
             sample.history_slots > 0 and sample.history_kind == layout.HISTORY_KINDS["x0"]
         )
         if self.clip_x0 and not reads_x0:
             raise ValueError(f"clip_x0: the solver {solver!r} integrates eps and never uses the x0-prediction; use solver='ddim'")
+        self._stochastic = {kind: any(table.stochastic) for kind, table in self._tables.items()}
         self._device_cache: Dict[tuple, torch.Tensor] = {}
         self._models: Dict[tuple, Callable] = {}
         self._graphs = None  # ddim_fast.graphs.GraphCache, created on first CUDA use
@@ -232,25 +233,23 @@ class FusedSampler:
             dev = torch.device(device) if device is not None else _model_device(self.model)
         reference.check_sample_range(batch_offset, shape[0], "batch_offset")
         table = self._tables[kind]
-        if seed is None and (x_in is None or (noise is None and any(table.stochastic))):
+        if seed is None and (x_in is None or (noise is None and self._stochastic[kind])):
             # Unseeded runs follow torch's global generator, so torch.manual_seed makes them reproducible.
             seed = int(torch.randint(0, 2**62, (1,)).item())
         if noise is not None:
             if kind != "sample":
                 raise ValueError(f"noise: only sample() takes explicit noise, not {kind}()")
-            if not torch.is_tensor(noise) or tuple(noise.shape) != (S, *shape) or not noise.is_floating_point():
-                got = f"{noise.dtype} {tuple(noise.shape)}" if torch.is_tensor(noise) else type(noise).__name__
-                raise ValueError(f"noise: expected a float tensor of shape (S={S}, *{shape}) = {(S, *shape)}, got {got}")
-            noise = noise.to(device=dev, dtype=torch.float32).contiguous()
-            if not bool(torch.isfinite(noise).all()):
-                raise ValueError("noise: contains NaN or infinite values (or values too large for float32)")
+            if not torch.is_tensor(noise) or tuple(noise.shape) != (S, *shape):
+                got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
+                raise ValueError(f"noise: expected shape (S={S}, *{shape}) = {(S, *shape)}, got {got}")
+            if not noise.is_floating_point():
+                raise ValueError(f"noise: expected a floating-point tensor, got dtype {noise.dtype}")
+            noise = noise.to(device=dev, dtype=torch.float32).contiguous()  # NaN in it: trajectory.check_finite
         backend = ops.resolve_backend(self.backend, dev)
         if x_in is None:
             x_start = ops.gaussian(seed, shape, stream=layout.STREAM_X_T, sample_offset=batch_offset, device=dev, backend=backend)
         else:
-            x_start = x_in.detach().to(device=dev, dtype=torch.float32)
-            if not bool(torch.isfinite(x_start).all()):
-                raise ValueError(f"{start_name}: contains NaN or infinite values (or values too large for float32)")
+            x_start = x_in.detach().to(device=dev, dtype=torch.float32)  # NaN in it: trajectory.check_finite
         plan = self._plan(kind, table, shape, dev, seed, batch_offset, noise, kwargs, backend)
         with torch.inference_mode():
             graphs = self._graph_cache(dev)
@@ -354,6 +353,25 @@ def _clip_value(clip_x0) -> float:
     if isinstance(clip_x0, (int, float)) and math.isfinite(clip_x0) and clip_x0 > 0:
         return float(clip_x0)
     raise ValueError(f"clip_x0: expected None, True (clamp x0 to [-1, 1]) or a positive float, got {clip_x0!r}")
+
+
+def _check_conversion(kind: str, table: solvers.SolverTable, prediction: str, tau: np.ndarray) -> None:
+    """A degenerate schedule is named before sampling: its float32 table must be finite, and the
+    model-output conversion divides by sqrt(alpha) (and by sqrt(1 - alpha) for x0 models)."""
+    table.check("schedule")
+    t = tau if kind == "encode" else tau[::-1]
+    sa = table.table[:, layout.SQRT_ALPHA].to(torch.float32)
+    s1m = table.table[:, layout.SQRT_ONE_MINUS_ALPHA].to(torch.float32)
+    bad = sa < 1e-18  # x / sqrt(alpha) overflows float32 for |x| ~ 1e20 here
+    if prediction == "x0" and kind != "encode":
+        bad |= s1m == 0
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad)[0, 0])
+        a = float(table.table[k, layout.SQRT_ALPHA]) ** 2
+        raise ValueError(
+            f"schedule: alphas_cumprod = {a:.3g} at timestep {int(t[k]) if kind != 'encode' or k == 0 else int(t[k - 1])} "
+            f"leaves the {prediction} model's conversion undefined in float32; use betas inside (0, 1) with margin"
+        )
 
 
 def _check_kwargs(kwargs, name: str) -> Dict[str, Any]:

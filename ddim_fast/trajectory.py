@@ -220,14 +220,19 @@ def run(plan: Plan, bufs: Buffers, progress: bool = False, capturing: bool = Fal
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc=f"ddim_fast {plan.kind}", unit="step")
+    S, record, none = plan.steps, bufs.x0s is not None, (None,) * plan.steps
     with torch.inference_mode(), autocast:
+        # Views made once (unbind is one call for all steps): the loop body is the model call and the op.
+        states = bufs.xs.unbind(0)
+        ts = plan.timesteps.unbind(0)
+        noise = none if plan.noise is None else plan.noise.unbind(0)
+        x0s = none if not record else bufs.x0s.unbind(0)
         for k in steps:
-            x, x_next = bufs.state(k)
-            out = plan.model(x, plan.timesteps[k], k, plan.model_kwargs)
+            x, x_next = (states[k], states[k + 1]) if record else (states[0], states[0])
+            out = plan.model(x, ts[k], k, plan.model_kwargs)
             args = (
                 x, out, plan.table, k, plan.seed, plan.prediction, plan.clip, plan.history_kind, bufs.history,
-                bufs.saved, None if plan.noise is None else plan.noise[k], x_next,
-                None if bufs.x0s is None else bufs.x0s[k], bufs.flags,
+                bufs.saved, noise[k], x_next, x0s[k], bufs.flags,
             )  # fmt: skip
             if k == 0:  # the one validation, once per trajectory (the model's output dtype is known now)
                 ops.check_step_args(*args)
@@ -235,15 +240,21 @@ def run(plan: Plan, bufs: Buffers, progress: bool = False, capturing: bool = Fal
 
 
 def check_finite(plan: Plan, bufs: Buffers, x_start: torch.Tensor) -> None:
-    """The one host sync of a trajectory: the first step whose flags are set becomes an error."""
+    """The one host sync of a trajectory: the first step whose flags are set becomes an error
+    naming what is wrong: the input (x_T / x0, explicit noise), the model, or the state."""
     bad = bufs.flags.any(dim=1)
     if not bool(bad.any()):
         return
+    start = "x0" if plan.kind == "encode" else "x_T"
+    # The inputs are checked only now, when something went wrong: no extra pass in the normal case.
+    if not bool(torch.isfinite(x_start).all()):
+        raise ValueError(f"{start}: contains NaN or infinite values")
+    if plan.noise is not None and not bool(torch.isfinite(plan.noise).all()):
+        raise ValueError("noise: contains NaN or infinite values")
     k = int(torch.nonzero(bad)[0, 0])
     where = f"step {k} (timestep {int(plan.t_host[k])}) of {plan.kind}"
     if bool(bufs.flags[k, layout.FLAG_MODEL]):
         raise FloatingPointError(f"model returned NaN or infinite values at {where}")
-    start = "x0" if plan.kind == "encode" else "x_T"
     raise FloatingPointError(
         f"the state became NaN or infinite at {where}, though the model output was finite: the input {start} "
         f"(max |value| {float(x_start.abs().max()):.3g}) times the step's coefficients overflows float32; "

@@ -34,3 +34,25 @@ def no_extension(monkeypatch):
     ops._cpp_ops.cache_clear()
     yield
     ops._cpp_ops.cache_clear()  # later tests load the real extension again
+
+
+@pytest.fixture(params=["torch", "cpp", "triton"])
+def step_backend(request, monkeypatch):
+    """Each concrete backend of the fused op by name, and proof that it ran: the test passes
+    ``backend=step_backend`` and afterwards at least one step must have gone through that
+    backend's implementation (a silent fallback to the reference fails the test)."""
+    from ddim_fast import ops
+
+    name = request.param
+    if ops.resolve_backend(name, "cpu") != name:
+        pytest.fail(f"the {name} backend is unavailable here: the test would compare the reference with itself")
+    calls = []
+    impl = ops._IMPLS[name]
+
+    def counted(*args):
+        calls.append(1)
+        return impl(*args)
+
+    monkeypatch.setitem(ops._IMPLS, name, counted)
+    yield name
+    assert calls, f"backend={name!r} was asked for but its implementation never ran"

@@ -7,7 +7,8 @@ import torch
 
 from _utils import EagerReplayCapturer, assert_close
 from ddim_fast import FusedSampler, NoiseSchedule
-from ddim_fast.graphs import GraphCache, graph_key
+from ddim_fast import trajectory
+from ddim_fast.graphs import GraphCache
 
 
 class SmallConvModel(torch.nn.Module):
@@ -19,6 +20,13 @@ class SmallConvModel(torch.nn.Module):
     def forward(self, x, t):
         h = torch.nn.functional.silu(self.a(x)) * (1 + t.float()[:, None, None, None] / 1000)
         return 0.3 * torch.tanh(self.b(h))
+
+
+def make_plan(sampler, shape, kind="sample"):
+    """The plan ``sampler`` would run for a batch of ``shape`` (seed 0, no noise, its own conditioning)."""
+    dev = torch.device("cpu")
+    return sampler._plan(kind, sampler._tables[kind], shape, dev, 0, 0, None, (sampler.model_kwargs, sampler.uncond_kwargs),
+                         "torch")  # fmt: skip
 
 
 def graphed(sampler, capturer=None):
@@ -80,10 +88,11 @@ def test_graph_keys_separate_configurations(model):
     g.sample(shape=(2, 3, 8, 8), seed=0)
     g.sample(shape=(2, 3, 8, 8), seed=0, return_trajectory=True)
     assert len(g._graphs) == 3 and cap.captures == 3
-    plan = g._plan("sample", 2, torch.device("cpu"), 0, 0, None)
-    k1 = graph_key(g, plan, torch.zeros(2, 3, 8, 8), False)
-    k2 = graph_key(g, plan, torch.zeros(2, 3, 8, 4), False)
-    assert k1 != k2
+    plan = make_plan(g, (2, 3, 8, 8))
+    assert plan.graph_key(torch.zeros(2, 3, 8, 8), False) != plan.graph_key(torch.zeros(2, 3, 8, 4), False)
+    assert plan.graph_key(torch.zeros(2, 3, 8, 8), False) != plan.graph_key(torch.zeros(2, 3, 8, 8), True)
+    other = make_plan(FusedSampler(model, steps=4, eta=0.5, precision="fp32", backend="torch"), (2, 3, 8, 8))
+    assert other.graph_key(torch.zeros(2, 3, 8, 8), False) != plan.graph_key(torch.zeros(2, 3, 8, 8), False)
     g.reset()
     assert g._graphs is None
 
@@ -101,32 +110,33 @@ def test_capture_failure_warns_once_names_reason_and_runs_eagerly(model):
     assert torch.equal(a, eager.sample(shape=(1, 3, 8, 8), seed=0)) and torch.equal(a, b)
 
 
-def test_model_that_syncs_with_host_samples_on_cpu():
+def test_cuda_graph_auto_never_captures_on_a_cpu():
+    """cuda_graph="auto" on CPU tensors runs eagerly and creates no graph cache, so a model that
+    syncs with the host (not capturable on CUDA) samples on a CPU; the CUDA failure path itself
+    is test_capture_failure_warns_once_names_reason_and_runs_eagerly."""
+
     def model(x, t):
-        scale = float(x.abs().max().item())  # a host sync: not capturable, fine eagerly
+        scale = float(x.abs().max().item())  # a host sync
         return x / (1.0 + scale)
 
-    out = FusedSampler(model, steps=5).sample(shape=(2, 3, 4, 4), seed=0)
-    assert torch.isfinite(out).all()
+    s = FusedSampler(model, steps=5)
+    out = s.sample(shape=(2, 3, 4, 4), seed=0)
+    assert torch.isfinite(out).all() and s._graphs is None
 
 
 def test_no_allocation_of_state_per_step(model):
     """The loop updates one preallocated state buffer in place: the model always sees it."""
-    s = FusedSampler(model, steps=6, precision="fp32", backend="torch")
-    plan = s._plan("sample", 1, torch.device("cpu"), 0, 0, None)
-    bufs = s._buffers(plan, torch.randn(1, 3, 8, 8), record=False)
-    # the state buffer itself, or the preallocated channels-last copy of it
-    ptrs = {(bufs.x_model if bufs.x_model is not None else bufs.xs[0]).data_ptr()}
     seen = set()
-    orig = s.adapter.__call__
 
-    def spy(x, t, step, timestep, kwargs):
+    def spy(x, t):
         seen.add(x.data_ptr())
-        return orig(x, t, step, timestep, kwargs)
+        return model(x, t)
 
-    s.adapter = spy
-    s._loop(plan, bufs)
-    assert seen == ptrs
+    s = FusedSampler(spy, steps=6, precision="fp32", backend="torch", channels_last=False)
+    plan = make_plan(s, (1, 3, 8, 8))
+    bufs = trajectory.allocate(plan, torch.randn(1, 3, 8, 8), record=False)
+    trajectory.run(plan, bufs)
+    assert seen == {bufs.xs[0].data_ptr()}
 
 
 def test_channels_last_auto_rule(model):
@@ -134,9 +144,7 @@ def test_channels_last_auto_rule(model):
     measured gain); never for bf16 on CPUs, for non-conv models or with channels_last=False."""
 
     def uses_cl(sampler, _precision):
-        plan = sampler._plan("sample", 2, torch.device("cpu"), 0, 0, None)
-        bufs = sampler._buffers(plan, torch.randn(2, 3, 8, 8), record=False)
-        return bufs.x_model is not None and bufs.x_model.is_contiguous(memory_format=torch.channels_last)
+        return isinstance(make_plan(sampler, (2, 3, 8, 8)).model, trajectory.ChannelsLast)
 
     assert uses_cl(FusedSampler(model, steps=3, precision="fp32"), "fp32")
     assert not uses_cl(FusedSampler(model, steps=3, precision="bf16"), "bf16")
@@ -189,11 +197,11 @@ def test_precision_auto_resolution(model, monkeypatch):
 
     s = FusedSampler(model, steps=2)
     monkeypatch.setattr(sm, "_cpu_has_native_bf16", lambda: True)
-    assert s._model_dtype(torch.device("cpu")) == torch.bfloat16
+    assert s._autocast_dtype(torch.device("cpu")) == torch.bfloat16
     monkeypatch.setattr(sm, "_cpu_has_native_bf16", lambda: False)
-    assert s._model_dtype(torch.device("cpu")) is None
-    assert s._model_dtype(torch.device("cuda")) == torch.float16
-    assert FusedSampler(model, steps=2, precision="fp32")._model_dtype(torch.device("cuda")) is None
+    assert s._autocast_dtype(torch.device("cpu")) is None
+    assert s._autocast_dtype(torch.device("cuda")) == torch.float16
+    assert FusedSampler(model, steps=2, precision="fp32")._autocast_dtype(torch.device("cuda")) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

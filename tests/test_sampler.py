@@ -67,28 +67,28 @@ def make_scheduler(name, S, prediction_type="epsilon"):
 @pytest.mark.parametrize("schedule_name", ["linear", "scaled_linear"])
 @pytest.mark.parametrize("S", [10, 50, 100])
 @pytest.mark.parametrize("prediction", ["epsilon", "v", "x0"])
-def test_eta0_equals_diffusers_ddim(schedule_name, S, prediction):
+def test_eta0_equals_diffusers_ddim(schedule_name, S, prediction, step_backend):
     sch = make_scheduler(schedule_name, S, {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}[prediction])
     schedule = NoiseSchedule.from_betas(sch.betas)
     eps_model = gmm_model(schedule)
     model = {"epsilon": eps_model, "v": AsV(eps_model), "x0": AsX0(eps_model)}[prediction]
     x_T = torch.randn(4, 3, 4, 4)
     expected = diffusers_loop(model, sch, x_T)
-    ours = FusedSampler(model, schedule, steps=S, eta=0.0, prediction=prediction, precision="fp32").sample(x_T)
-    assert_close(ours, expected, atol=2e-5, rtol=2e-5, what=f"{prediction} S={S}")
+    ours = FusedSampler(model, schedule, steps=S, eta=0.0, prediction=prediction, precision="fp32", backend=step_backend)
+    assert_close(ours.sample(x_T), expected, atol=2e-5, rtol=2e-5, what=f"{prediction} S={S} {step_backend}")
 
 
 @pytest.mark.parametrize("eta", [0.3, 1.0])
 @pytest.mark.parametrize("S", [20, 50])
-def test_eta_positive_equals_diffusers_with_same_noise(eta, S):
+def test_eta_positive_equals_diffusers_with_same_noise(eta, S, step_backend):
     sch = make_scheduler("linear", S)
     schedule = NoiseSchedule.from_betas(sch.betas)
     model = gmm_model(schedule)
     x_T = torch.randn(4, 3, 4, 4)
     noise = torch.randn(S, 4, 3, 4, 4)
     expected = diffusers_loop(model, sch, x_T, eta=eta, noise=noise)
-    ours = FusedSampler(model, schedule, steps=S, eta=eta, precision="fp32").sample(x_T, noise=noise)
-    assert_close(ours, expected, atol=2e-5, rtol=2e-5, what=f"eta={eta} S={S}")
+    ours = FusedSampler(model, schedule, steps=S, eta=eta, precision="fp32", backend=step_backend).sample(x_T, noise=noise)
+    assert_close(ours, expected, atol=2e-5, rtol=2e-5, what=f"eta={eta} S={S} {step_backend}")
 
 
 def original_generalized_steps(x, seq, model, b, eta=0.0, noise=None):
@@ -117,7 +117,7 @@ def original_generalized_steps(x, seq, model, b, eta=0.0, noise=None):
 
 
 @pytest.mark.parametrize("skip, S", [("uniform", 20), ("uniform", 30), ("quad", 100)])
-def test_eta0_equals_original_generalized_steps(skip, S):
+def test_eta0_equals_original_generalized_steps(skip, S, step_backend):
     """Including T % S != 0 (range() runs more steps) and "quad" duplicates (identity steps there)."""
     schedule = NoiseSchedule.linear(1000)
     model = gmm_model(schedule)
@@ -127,20 +127,20 @@ def test_eta0_equals_original_generalized_steps(skip, S):
         seq = [int(s) for s in np.linspace(0, np.sqrt(1000 * 0.8), S) ** 2]
     x_T = torch.randn(3, 3, 4, 4)
     expected = original_generalized_steps(x_T, seq, model, schedule.betas)
-    sampler = FusedSampler(model, schedule, steps=S, skip=skip, precision="fp32")
+    sampler = FusedSampler(model, schedule, steps=S, skip=skip, precision="fp32", backend=step_backend)
     assert sampler.num_steps == len(set(seq))
     assert_close(sampler.sample(x_T), expected, atol=5e-5, rtol=5e-5, what=f"{skip} S={S}")
 
 
-def test_eta1_equals_original_generalized_steps_with_noise():
+def test_eta1_equals_original_generalized_steps_with_noise(step_backend):
     schedule = NoiseSchedule.linear(1000)
     model = gmm_model(schedule)
     seq = list(range(0, 1000, 50))
     x_T = torch.randn(3, 3, 4, 4)
     noise = torch.randn(len(seq), 3, 3, 4, 4)
     expected = original_generalized_steps(x_T, seq, model, schedule.betas, eta=1.0, noise=noise)
-    ours = FusedSampler(model, schedule, steps=20, eta=1.0, precision="fp32").sample(x_T, noise=noise)
-    assert_close(ours, expected, atol=5e-5, rtol=5e-5)
+    ours = FusedSampler(model, schedule, steps=20, eta=1.0, precision="fp32", backend=step_backend).sample(x_T, noise=noise)
+    assert_close(ours, expected, atol=5e-5, rtol=5e-5, what=step_backend)
 
 
 # -- closed form: a Gaussian mixture whose optimal epsilon is a formula --------------------------------
@@ -405,3 +405,116 @@ def test_slerp_parallel_and_errors():
     assert_close(slerp(z, 2 * z, 0.5), 1.5 * z, atol=1e-6)
     with pytest.raises(ValueError, match="z2"):
         slerp(torch.zeros(2, 3), torch.zeros(2, 4), 0.5)
+
+
+# -- every backend, encode, and the defects of issue 17 that live in the sampler -------------------------
+
+
+def test_encode_equals_float64_transcription_of_inversion(step_backend):
+    """DDIM inversion (Eq. 12 with eta = 0 run up tau) written out in float64 from the alphas themselves."""
+    schedule = NoiseSchedule.linear(1000)
+    model = gmm_model(schedule)
+    x0 = model.sample_data(3, generator=torch.Generator().manual_seed(2)).float().reshape(3, 3, 4, 4)
+    sampler = FusedSampler(model, schedule, steps=10, precision="fp32", backend=step_backend)
+    a = schedule.alphas_cumprod
+    x, a_cur = x0.double(), torch.tensor(1.0, dtype=torch.float64)
+    for t in sampler.timesteps.flip(0).tolist():
+        eps = model(x.float(), torch.full((3,), t)).double()
+        x0_pred = (x - (1 - a_cur).sqrt() * eps) / a_cur.sqrt()
+        x = a[t].sqrt() * x0_pred + (1 - a[t]).sqrt() * eps
+        a_cur = a[t]
+    assert_close(sampler.encode(x0), x, atol=1e-4, rtol=1e-4, what=step_backend)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "dpmpp_3m"])
+def test_one_step_sampling_decoding_and_explicit_single_timestep(solver):
+    """S = 1 (issue 17, defect 1): one step from the noisiest timestep straight to alpha = 1, i.e.
+    the x0-prediction at that timestep, whatever the solver."""
+    schedule = NoiseSchedule.linear(1000)
+    model = gmm_model(schedule)
+    x_T = torch.randn(2, 3, 4, 4)
+    for skip in ("uniform", [999], [500]):
+        s = FusedSampler(model, schedule, steps=1, skip=skip, solver=solver, precision="fp32", backend="torch")
+        t = int(s.timesteps[0])
+        a = schedule.alphas_cumprod[t]
+        expected = (x_T.double() - (1 - a).sqrt() * model(x_T, torch.full((2,), t)).double()) / a.sqrt()
+        assert s.num_steps == 1
+        tol = 1e-6 / float(a.sqrt())  # float32 rounding of x and eps, amplified by 1 / sqrt(alpha) (150x at t = 999)
+        assert_close(s.sample(x_T), expected, atol=tol, rtol=tol, what=f"{skip}")
+        assert_close(s.decode(x_T), expected, atol=tol, rtol=tol, what=f"{skip}")
+        assert s.encode(expected.float()).shape == x_T.shape
+
+
+def test_batch_offsets_past_2_to_the_32_draw_new_samples():
+    """Issue 17, defect 4: the sample index is 48 bits wide, so sample 2**32 is not sample 0, and
+    sample i is the same whether it is drawn across the 2**32 boundary or alone."""
+    model = lambda x, t: torch.zeros_like(x)  # noqa: E731  (x_T and the noise are all that matter)
+    s = FusedSampler(model, steps=3, eta=1.0, precision="fp32", backend="torch")
+    first = s.sample(shape=(1, 8), seed=5, batch_offset=0)
+    wrapped = s.sample(shape=(1, 8), seed=5, batch_offset=2**32)
+    assert not torch.equal(first, wrapped)
+    across = s.sample(shape=(3, 8), seed=5, batch_offset=2**32 - 1)
+    assert torch.equal(across[1:2], wrapped)
+    assert torch.equal(across[0:1], s.sample(shape=(1, 8), seed=5, batch_offset=2**32 - 1))
+    with pytest.raises(ValueError, match=r"batch_offset: the last sample index 281474976710656"):
+        s.sample(shape=(2, 8), seed=5, batch_offset=2**48 - 1)
+    with pytest.raises(ValueError, match="batch_offset"):
+        s.sample(shape=(1, 8), seed=5, batch_offset=1.0)
+
+
+@pytest.mark.parametrize("shape", [(2.5, 3), (2, 3.0), ("2", 3), (True, 3)])
+def test_non_integer_shapes_are_rejected_not_truncated(shape):
+    with pytest.raises(ValueError, match="shape"):
+        FusedSampler(lambda x, t: x, steps=2).sample(shape=shape, seed=0)
+
+
+def test_nan_in_explicit_noise_is_named_as_the_noise():
+    s = FusedSampler(lambda x, t: torch.zeros_like(x), steps=4, eta=1.0, precision="fp32")
+    noise = torch.randn(4, 2, 3)
+    noise[2, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="noise: contains NaN"):
+        s.sample(torch.randn(2, 3), noise=noise)
+
+
+def test_overflowing_finite_state_is_not_blamed_on_the_model(step_backend):
+    """Issue 17, defect 5: a finite x_T of 3e38 overflows float32 in the step; the model output is
+    finite, so the error names the state and x_T, not the model."""
+    s = FusedSampler(lambda x, t: torch.tanh(x), steps=4, precision="fp32", backend=step_backend)
+    with pytest.raises(FloatingPointError, match=r"state became NaN or infinite at step 0 .*x_T \(max \|value\| 3e\+38\)"):
+        s.sample(torch.full((2, 3), 3e38))
+
+
+@pytest.mark.parametrize("betas", [[1e-30] * 10, [1 - 1e-3] * 1000])
+def test_degenerate_schedule_is_named_before_sampling(betas):
+    """betas so tiny that alpha = 1 (x0-prediction needs 1 / sqrt(1 - alpha)) or so close to 1 that
+    alpha underflows (every model needs 1 / sqrt(alpha)): a schedule error, not a model NaN."""
+    schedule = NoiseSchedule.from_betas(torch.tensor(betas, dtype=torch.float64))
+    prediction = "x0" if betas[0] < 1e-3 else "epsilon"
+    with pytest.raises(ValueError, match="schedule: "):
+        FusedSampler(lambda x, t: x, schedule, steps=5, prediction=prediction)
+
+
+def test_model_nan_names_step_and_timestep_on_every_backend(step_backend):
+    def model(x, t):
+        return torch.where(t[:, None] == 500, torch.full_like(x, float("nan")), torch.zeros_like(x))
+
+    s = FusedSampler(model, steps=10, precision="fp32", backend=step_backend)
+    with pytest.raises(FloatingPointError, match=r"model returned NaN or infinite values at step 4 \(timestep 500\)"):
+        s.sample(shape=(2, 3), seed=0)
+
+
+def test_strided_float32_output_is_not_rounded_through_low_precision():
+    """Issue 17, defect 7: a learned-variance model's 2C output sliced to C is non-contiguous; under
+    precision="bf16" its float32 eps must reach the step unrounded, as a contiguous output does."""
+    schedule = NoiseSchedule.linear(1000)
+    eps_model = gmm_model(schedule)
+
+    def learned_variance(x, t):
+        eps = eps_model(x.float(), t).float()
+        return torch.cat([eps, torch.ones_like(eps)], dim=1)  # float32, whatever autocast says
+
+    x_T = torch.randn(2, 3, 4, 4)
+    kw = dict(steps=10, precision="bf16", backend="torch", channels_last=False)
+    contiguous = FusedSampler(lambda x, t: eps_model(x.float(), t).float(), schedule, **kw).sample(x_T)
+    strided = FusedSampler(learned_variance, schedule, **kw).sample(x_T)
+    assert torch.equal(strided, contiguous)
