@@ -86,7 +86,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=["ddim_fast", "ddim_fast.nn", "ddim_fast.kernels"],
+    packages=["ddim_fast", "ddim_fast.nn", "ddim_fast.experiments", "ddim_fast.kernels"],
     package_dir={"ddim_fast": "ddim_fast", "ddim_fast.kernels": "kernels"},
     package_data={"ddim_fast": ["assets/*", "csrc/*"]},
     install_requires=[
@@ -106,7 +106,9 @@ setup(
             "diffusers>=0.30",
             "scikit-learn>=1.2",
             "scipy>=1.10",
+            "matplotlib>=3.5",
         ],
+        "plots": ["matplotlib>=3.5"],  # the tables' line plots (ddim-fast eval); PNG grids need only Pillow
     },
     entry_points={"console_scripts": ["ddim-fast = ddim_fast.cli:main"]},
     ext_modules=EXT_MODULES,

@@ -1,43 +1,33 @@
-"""Whole-trajectory benchmarks: steps/s of the sampler, and the speed-up over diffusers' own loop.
+"""Whole-trajectory benchmarks of a real UNet: ours against diffusers' DDIM loop at equal settings.
 
-Run: ``pytest bench/ --benchmark-only`` (add ``--benchmark-json out.json`` to keep the numbers).
-Every ratio in ``extra_info`` is measured against a baseline timed in the same test.
+Run: ``pytest bench/test_bench_sampler.py --benchmark-only -s`` (add ``--benchmark-json out.json``
+to keep the numbers). The model is a diffusers ``UNet2DModel`` of ~5.4M parameters on an
+8x3x32x32 batch, S = 20. Every loop of one test runs once per round, the rounds interleaved
+(``_timing.interleaved_seconds``), and every ratio is the median of per-round ratios:
+
+- ours vs diffusers under the SAME precision (fp32 vs fp32, bf16 autocast vs bf16 autocast) and
+  the same compile (diffusers' UNet compiled by the same ``maybe_compile``), and each vs
+  diffusers' eager fp32 loop (what a user runs today), so that no figure comes from precision
+  or compile alone;
+- the loops' own cost: each loop minus the bare loop of S model calls in the same precision and
+  memory format (our per-step overhead, and diffusers').
+
+The images are checked too: ours in bf16 (eager and compiled) within 2x diffusers' own
+bf16-autocast error against fp32.
 """
 
+import contextlib
 import statistics
+import time
 
 import pytest
 import torch
 
-from _timing import interleaved_seconds, median_seconds, paired_ratio, sync
+from _timing import interleaved_seconds, paired_ratio, sync
 from ddim_fast import FusedSampler, NoiseSchedule
+from ddim_fast.compile import maybe_compile
 
-SHAPE = (64, 3, 32, 32)
-
-
-class PointwiseModel(torch.nn.Module):
-    """A model that costs almost nothing (a 1x1 conv), so the loop's own cost shows."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 3, 1)
-
-    def forward(self, x, t):
-        return self.conv(x)
-
-
-@pytest.mark.parametrize("backend", ["torch", "auto"])
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_trajectory_cheap_model(benchmark, backend, eta):
-    """S = 50 on a 64x3x32x32 batch with a near-free model: the loop's overhead and the steps' cost."""
-    model = PointwiseModel().eval()
-    sampler = FusedSampler(model, NoiseSchedule.linear(1000), steps=50, eta=eta, backend=backend, precision="fp32")
-    x_T = torch.randn(SHAPE)
-    benchmark.group = f"trajectory S=50 eta={eta}"
-    benchmark.pedantic(lambda: sampler.sample(x_T, seed=0), rounds=5, warmup_rounds=1)
-    if benchmark.stats is not None:
-        benchmark.extra_info["steps_per_s"] = 50 / benchmark.stats.stats.median
-        benchmark.extra_info["backend"] = sampler._plan("sample", 1, torch.device("cpu"), 0, 0, None).backend
+S, B, ROUNDS = 20, 8, 5
 
 
 def _small_unet():
@@ -55,82 +45,138 @@ def _small_unet():
     ).eval()
 
 
-def _diffusers_loop(unet, scheduler, x_T):
+def _bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _diffusers_loop(unet, scheduler, x_T, precision=contextlib.nullcontext):
     x = x_T.clone()
-    with torch.inference_mode():
+    with torch.inference_mode(), precision():
         for t in scheduler.timesteps:
             eps = unet(x, t).sample
             x = scheduler.step(eps, t, x, eta=0.0).prev_sample
     return x
 
 
-def test_unet_trajectory_vs_diffusers(benchmark, report_ratio):
-    """Issue 5's target: FusedSampler defaults vs a plain diffusers DDIMScheduler loop in fp32.
+def _model_loop(unet, x, ts, precision=contextlib.nullcontext):
+    """S bare model calls: the floor under any loop in this precision and memory format."""
+    with torch.inference_mode(), precision():
+        for t in ts:
+            unet(x, t)
 
-    diffusers UNet2DModel (~5M parameters), 8 x 3 x 32 x 32, S = 50, on this machine's CPU. The
-    three loops (diffusers fp32, ours with defaults, ours in fp32) run back to back in each of
-    ROUNDS rounds and every ratio is the median of the per-round ratios (_timing.interleaved_seconds).
-    """
+
+def _compiled_sampler(unet, **options):
+    """FusedSampler(..., compile=True), or the same compile wrapper passed as the model where the
+    sampler does not take ``compile=`` yet (the wrapper is what the option applies)."""
+    try:
+        return FusedSampler(unet, compile=True, **options)
+    except TypeError as exc:
+        if "compile" not in str(exc):
+            raise
+        return FusedSampler(maybe_compile(unet, True, "cpu"), **options)
+
+
+def _first_call_seconds(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def test_unet_trajectory_vs_diffusers(benchmark, report_ratio):
+    """Issue 16: ours vs diffusers' DDIMScheduler loop at equal precision and compile, S = 20, B = 8."""
     from diffusers import DDIMScheduler
 
     unet = _small_unet()
     n_params = sum(p.numel() for p in unet.parameters())
-    S, B, ROUNDS = 50, 8, 3
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="leading",
-                              steps_offset=0, set_alpha_to_one=True, clip_sample=False)
+                              steps_offset=0, set_alpha_to_one=True, clip_sample=False)  # fmt: skip
     scheduler.set_timesteps(S)
+    schedule = NoiseSchedule.from_betas(scheduler.betas)
     x_T = torch.randn(B, 3, 32, 32)
-    fast = FusedSampler(unet, NoiseSchedule.from_betas(scheduler.betas), steps=S)
-    exact = FusedSampler(unet, NoiseSchedule.from_betas(scheduler.betas), steps=S, precision="fp32")
-    assert torch.equal(fast.timesteps, scheduler.timesteps)
-    benchmark.group = "unet S=50 B=8"
-    benchmark.pedantic(lambda: fast.sample(x_T), rounds=1, warmup_rounds=1)
+    ours = {
+        "ours_fp32": FusedSampler(unet, schedule, steps=S, precision="fp32"),
+        "ours_default": FusedSampler(unet, schedule, steps=S),
+        "ours_compiled_fp32": _compiled_sampler(unet, schedule=schedule, steps=S, precision="fp32"),
+        "ours_compiled_default": _compiled_sampler(unet, schedule=schedule, steps=S),
+    }
+    assert torch.equal(ours["ours_default"].timesteps, scheduler.timesteps)
+    unet_c = maybe_compile(unet, True, "cpu")  # diffusers' UNet compiled exactly as ours is
+
+    first_s, images = {}, {}
+    for name, sampler in ours.items():
+        first_s[name], images[name] = _first_call_seconds(lambda: sampler.sample(x_T))
+    first_s["diffusers_compiled_fp32"], images["diffusers_compiled_fp32"] = _first_call_seconds(
+        lambda: _diffusers_loop(unet_c, scheduler, x_T))
+    first_s["diffusers_compiled_bf16"], images["diffusers_compiled_bf16"] = _first_call_seconds(
+        lambda: _diffusers_loop(unet_c, scheduler, x_T, _bf16))
+    images["diffusers_fp32"] = _diffusers_loop(unet, scheduler, x_T)
+    images["diffusers_bf16"] = _diffusers_loop(unet, scheduler, x_T, _bf16)
+
     # "within bf16 error": ours vs fp32 no worse than diffusers' own loop under the same autocast
     # (this random UNet's x_0 reaches |x| ~ 600, so absolute errors are compared, not tolerances).
-    ref = exact.sample(x_T)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        diffusers_bf16 = _diffusers_loop(unet, scheduler, x_T)
-    rms = lambda a: (a - ref).pow(2).mean().sqrt().item()  # noqa: E731
-    rms_default, rms_diffusers_bf16 = rms(fast.sample(x_T)), rms(diffusers_bf16)
-    assert rms_default <= 2 * rms_diffusers_bf16, (rms_default, rms_diffusers_bf16)
+    ref = images["ours_fp32"]
+    rms = {k: (v - ref).pow(2).mean().sqrt().item() for k, v in images.items()}
+    for name in ("ours_default", "ours_compiled_default"):
+        assert rms[name] <= 2 * rms["diffusers_bf16"], (name, rms)
+    assert rms["diffusers_fp32"] <= 1e-3 * ref.abs().max().item(), rms  # the same trajectory in fp32
+
+    benchmark.group = f"unet S={S} B={B}"
+    benchmark.pedantic(lambda: ours["ours_compiled_default"].sample(x_T), rounds=1, warmup_rounds=0)
     if benchmark.stats is None:  # --benchmark-disable: the body ran once, nothing to compare
         return
-    times = interleaved_seconds(
-        {"diffusers_fp32": lambda: _diffusers_loop(unet, scheduler, x_T), "fused_default": lambda: fast.sample(x_T),
-         "fused_fp32": lambda: exact.sample(x_T)},
-        rounds=ROUNDS, warmup=0,
-    )
-    # The model alone, fed as the fp32 sampler feeds it (channels_last on CPUs: see FusedSampler).
-    plan = exact._plan("sample", B, torch.device("cpu"), 0, 0, None)
-    nhwc = exact._use_channels_last(torch.device("cpu"), x_T.shape, plan.model_dtype)
-    x_in = x_T.contiguous(memory_format=torch.channels_last) if nhwc else x_T
-    with torch.inference_mode():
-        t_model = median_seconds(lambda: unet(x_in, torch.full((B,), 500)), repeat=10, warmup=2)
-    ref_diffusers = _diffusers_loop(unet, scheduler, x_T)
-    speedup_default = paired_ratio(times, "diffusers_fp32", "fused_default")
-    speedup_fp32 = paired_ratio(times, "diffusers_fp32", "fused_fp32")
-    median = {k: statistics.median(v) for k, v in times.items()}
-    benchmark.extra_info.update(
-        {
-            "unet_params_M": round(n_params / 1e6, 2),
-            "rounds": ROUNDS,
-            "seconds_per_round": times,
-            "speedup_default_vs_diffusers": speedup_default,
-            "speedup_fp32_vs_diffusers": speedup_fp32,
-            "default_precision": str(fast._plan("sample", B, torch.device("cpu"), 0, 0, None).model_dtype),
-            "sampler_overhead_ms_per_step_fp32": 1e3 * (median["fused_fp32"] - S * t_model) / S,
-            "model_ms_per_call_fp32": 1e3 * t_model,
-            "fp32_input_channels_last": nhwc,
-            "images_per_s_default": B / median["fused_default"],
-            "rms_diff_default_vs_fp32": rms_default,
-            "rms_diff_diffusers_bf16_autocast_vs_fp32": rms_diffusers_bf16,
-            "rms_diff_diffusers_fp32_vs_ours_fp32": rms(ref_diffusers),
-            "rms_of_fp32_images": ref.pow(2).mean().sqrt().item(),
-        }
-    )
-    report_ratio(f"unet S=50 B=8: defaults {speedup_default:.2f}x diffusers fp32 loop, precision='fp32' {speedup_fp32:.2f}x "
-                 f"(median of {ROUNDS} paired rounds; diffusers {median['diffusers_fp32']:.2f} s, defaults "
-                 f"{median['fused_default']:.2f} s, fp32 {median['fused_fp32']:.2f} s)")
+    ts = [torch.full((B,), int(t)) for t in scheduler.timesteps]
+    nhwc = x_T.contiguous(memory_format=torch.channels_last)
+    fns = {name: (lambda s: lambda: s.sample(x_T))(s) for name, s in ours.items()}
+    fns.update({
+        "diffusers_fp32": lambda: _diffusers_loop(unet, scheduler, x_T),
+        "diffusers_bf16": lambda: _diffusers_loop(unet, scheduler, x_T, _bf16),
+        "diffusers_compiled_fp32": lambda: _diffusers_loop(unet_c, scheduler, x_T),
+        "diffusers_compiled_bf16": lambda: _diffusers_loop(unet_c, scheduler, x_T, _bf16),
+        "model_fp32": lambda: _model_loop(unet, x_T, ts),
+        "model_fp32_nhwc": lambda: _model_loop(unet, nhwc, ts),
+        "model_bf16": lambda: _model_loop(unet, x_T, ts, _bf16),
+        "model_bf16_nhwc": lambda: _model_loop(unet, nhwc, ts, _bf16),
+    })  # fmt: skip
+    times = interleaved_seconds(fns, rounds=ROUNDS, warmup=1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = lambda base, name: paired_ratio(times, base, name)  # noqa: E731 - > 1: `name` is faster
+    speedups = {
+        # equal settings: the figures that say what our loop is worth
+        "ours_fp32_vs_diffusers_fp32": ratio("diffusers_fp32", "ours_fp32"),
+        "ours_default_vs_diffusers_bf16": ratio("diffusers_bf16", "ours_default"),
+        "ours_compiled_fp32_vs_diffusers_compiled_fp32": ratio("diffusers_compiled_fp32", "ours_compiled_fp32"),
+        "ours_compiled_default_vs_diffusers_compiled_bf16": ratio("diffusers_compiled_bf16", "ours_compiled_default"),
+        # issue 16's minimum: the compiled defaults vs diffusers eager fp32 (>= 2.0) and eager bf16 (>= 1.4)
+        "ours_compiled_default_vs_diffusers_fp32": ratio("diffusers_fp32", "ours_compiled_default"),
+        "ours_compiled_default_vs_diffusers_bf16": ratio("diffusers_bf16", "ours_compiled_default"),
+        # what precision or compile alone gives diffusers itself
+        **{f"{k}_vs_diffusers_fp32": ratio("diffusers_fp32", k) for k in
+           ("ours_default", "diffusers_bf16", "diffusers_compiled_fp32", "diffusers_compiled_bf16")},
+    }  # fmt: skip
+    per_step_ms = lambda loop, model: 1e3 * (med[loop] - med[model]) / S  # noqa: E731
+    overhead = {
+        "ours_fp32_minus_model_fp32_nchw": per_step_ms("ours_fp32", "model_fp32"),
+        "ours_fp32_minus_model_fp32_nhwc": per_step_ms("ours_fp32", "model_fp32_nhwc"),
+        "ours_default_minus_model_bf16_nchw": per_step_ms("ours_default", "model_bf16"),
+        "ours_default_minus_model_bf16_nhwc": per_step_ms("ours_default", "model_bf16_nhwc"),
+        "diffusers_fp32_minus_model_fp32_nchw": per_step_ms("diffusers_fp32", "model_fp32"),
+        "diffusers_bf16_minus_model_bf16_nchw": per_step_ms("diffusers_bf16", "model_bf16"),
+    }
+    benchmark.extra_info.update({
+        "unet_params_M": round(n_params / 1e6, 2), "steps": S, "batch": B, "rounds": ROUNDS,
+        "median_s": med, "speedups": speedups, "loop_overhead_ms_per_step": overhead,
+        "first_call_s": first_s, "rms_vs_ours_fp32": rms, "rms_of_fp32_images": ref.pow(2).mean().sqrt().item(),
+        "threads": torch.get_num_threads(),
+    })  # fmt: skip
+    report_ratio(f"unet S={S} B={B}, median of {ROUNDS} paired rounds: equal settings: fp32 "
+                 f"{speedups['ours_fp32_vs_diffusers_fp32']:.2f}x, bf16 autocast {speedups['ours_default_vs_diffusers_bf16']:.2f}x, "
+                 f"compiled fp32 {speedups['ours_compiled_fp32_vs_diffusers_compiled_fp32']:.2f}x, compiled bf16 "
+                 f"{speedups['ours_compiled_default_vs_diffusers_compiled_bf16']:.2f}x; compiled defaults vs diffusers fp32 "
+                 f"{speedups['ours_compiled_default_vs_diffusers_fp32']:.2f}x, vs diffusers bf16 "
+                 f"{speedups['ours_compiled_default_vs_diffusers_bf16']:.2f}x; first compiled call "
+                 f"{first_s['ours_compiled_default']:.0f} s")  # fmt: skip
+    report_ratio("unet loop overhead ms/step (loop minus S bare model calls): "
+                 + ", ".join(f"{k} {v:+.2f}" for k, v in overhead.items()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

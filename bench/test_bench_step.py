@@ -1,29 +1,29 @@
-"""The fused step alone, on a 64x3x32x32 float32 batch on the CPU (issue 4's targets).
+"""The fused step alone (``ddim_fast::step``), on a 64x3x32x32 float32 batch on the CPU (issue 13's targets).
 
-Run: ``pytest bench/test_bench_step.py --benchmark-only`` (``-s`` is not needed: the ratios are
+Run: ``OMP_NUM_THREADS=1 pytest bench/test_bench_step.py --benchmark-only -q`` (the ratios are
 printed in the terminal summary and stored in ``extra_info``; ``--benchmark-json out.json``
-keeps them).
+keeps them). ``pytest bench/ --benchmark-disable`` runs each callable once (CI).
 
-One group per eta lines the providers up in pytest-benchmark's table:
+One group per row lines the providers up in pytest-benchmark's table:
 
-- ``cpp-op``: ``torch.ops.ddim_fast_C.step``, the C++ kernel as ``backend="cpp"`` runs it,
-  x_t and x_prev in two buffers (the sampler's ping-pong);
-- ``cpp-op-inplace``: the same with x_prev written over x_t (one buffer less to stream);
-- ``ops.step``: the same through the ``ddim_fast::step`` custom op (its Python dispatch included);
+- ``cpp-op``: ``torch.ops.ddim_fast_C.step``, the C++ kernel as ``backend="cpp"`` runs it, x_t and
+  x_next in two buffers, no finite flags;
+- ``cpp-op-flags``: the same writing the finite flags (issue 13: no extra pass, ratio ~1);
+- ``cpp-op+sum``: the op without flags plus the separate check it replaces, a ``torch.sum`` of the
+  model output (one more read of 768 KiB) whose finiteness the loop tested;
+- ``cpp-op-inplace``: x_next written over x_t (the sampler's state buffer);
+- ``run_step``: ``ops.run_step``, the sampler's direct call (Python, no custom-op dispatch);
+- ``ops.step``: through the ``ddim_fast::step`` custom op (dispatch and validation included);
+- ``reference``: ``reference.fused_step`` in float32;
 - ``diffusers``: ``DDIMScheduler.step`` as a user calls it (eta = 1: ``generator=``, so the
-  scheduler draws its noise with ``torch.randn``);
-- ``torch.add``: one ``torch.add(x, e, alpha=a, out=o)`` (eta = 0: the memory-bound limit,
-  two tensors read and one written, as the fused step does);
-- ``torch.randn``: drawing the same shape alone (eta = 1: the fused step draws its noise too).
+  scheduler draws its noise with ``torch.randn``); left out where diffusers is not installed;
+- ``torch.add`` (eta = 0 and 2M): one ``torch.add(x, e, alpha=a, out=o)``, two tensors read and one
+  written, the memory-bound limit of the DDIM row; ``torch.randn`` (eta = 1): the noise alone.
 
-The multistep step (``test_multistep_step``: DPM-Solver++(2M) at a second-order row) lines up
-the C++ op (``torch.ops.ddim_fast_C.multistep_step``), the sampler's direct path, the PyTorch
-reference ``solvers.multistep_step`` and ``torch.add``, with the same interleaved ratios.
-
-pytest-benchmark times each test on its own, minutes apart on a machine shared with other
-jobs, so the ratios are measured inside the ``cpp-op`` test: the providers take turns, a few
-calls each, round after round, and their medians (and minimums) are compared. Nothing here
-asserts on time.
+pytest-benchmark times each test on its own, minutes apart on a machine shared with other jobs,
+so the ratios are measured inside the ``cpp-op`` test: the providers take turns, a few calls
+each, round after round, and their medians (and minimums) are compared. Nothing here asserts on
+time.
 """
 
 import statistics
@@ -33,12 +33,11 @@ import pytest
 import torch
 from _timing import interleaved_seconds
 
-from ddim_fast import _ext, ops, reference, solvers
-from ddim_fast.schedule import NoiseSchedule, select_timesteps, step_table
+from ddim_fast import _ext, layout, ops, reference, solvers
+from ddim_fast.schedule import NoiseSchedule
 
 SHAPE = (64, 3, 32, 32)
-STEPS, K = 50, 10  # a 50-step trajectory; its 11th step (t = 780 -> 760)
-BYTES_PER_ELEMENT = 12  # x and model_out read, x_prev written, float32 (noise is drawn in-kernel)
+STEPS, K = 50, 10  # a 50-step trajectory; its 11th row
 
 
 def _interleaved_times(fns: dict) -> dict:
@@ -54,7 +53,8 @@ def _record(info: dict, times: dict, ratios: dict, bytes_per_element: int) -> st
         t = {name: f(ts) for name, ts in times.items()}
         info[f"{stat}_us"] = {name: round(v * 1e6, 2) for name, v in t.items()}
         for key, (num, den) in ratios.items():
-            info[f"{key}_{stat}"] = t[num] / t[den]
+            if num in t and den in t:
+                info[f"{key}_{stat}"] = t[num] / t[den]
     info["GB_per_s"] = bytes_per_element * torch.Size(SHAPE).numel() / statistics.median(times["cpp-op"]) / 1e9
     ratio_text = ", ".join(f"{k} {v:.2f}" for k, v in info.items() if k.startswith(("speedup", "time_vs")))
     return f"{ratio_text}; {info['GB_per_s']:.0f} GB/s"
@@ -80,129 +80,104 @@ def _settled_thread_pool(request):
 
 
 @pytest.fixture(scope="module")
-def cpp_op():
+def C():
     try:
-        return _ext.load()
+        _ext.load()
     except Exception as e:  # the bench reports what it can measure
         pytest.skip(f"the C++ extension is unavailable: {e}")
+    assert ops.resolve_backend("cpp", "cpu") == "cpp"
+    return torch.ops.ddim_fast_C
 
 
-def _providers(eta: float, op) -> dict:
-    """name -> zero-argument callable, all on the same data."""
-    from diffusers import DDIMScheduler
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(SHAPE, generator=g)
-    eps = torch.randn(SHAPE, generator=g)
-    out = torch.empty(SHAPE)
+def _diffusers_step(eta, eps, x):
+    """DDIMScheduler.step at the same row, or None without diffusers."""
+    try:
+        from diffusers import DDIMScheduler
+    except ImportError:
+        return None
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="leading",
                               steps_offset=0, set_alpha_to_one=True, clip_sample=False)  # fmt: skip
     scheduler.set_timesteps(STEPS)
     t = int(scheduler.timesteps[K])
-    coef = step_table(NoiseSchedule.linear(1000), select_timesteps(1000, STEPS, "uniform"), eta).to(torch.float32)
-    seed = torch.tensor([0, 0], dtype=torch.int64)
-    stochastic = eta > 0
-    pred = reference.PREDICTIONS["epsilon"]
+    if eta == 0:
+        return lambda: scheduler.step(eps, t, x, eta=0.0)
     gen = torch.Generator().manual_seed(1)
+    return lambda: scheduler.step(eps, t, x, eta=eta, generator=gen)
+
+
+def _providers(row: str, C) -> dict:
+    """name -> zero-argument callable, all on the same data: row "eta0", "eta1" (DDIM) or "dpmpp_2m"."""
+    schedule = NoiseSchedule.linear(1000)
+    if row == "dpmpp_2m":
+        st = solvers.build("dpmpp_2m", schedule, solvers.logsnr_timesteps(schedule, STEPS))
+    else:
+        st = solvers.build("ddim", schedule, solvers.timesteps(schedule, STEPS, "uniform"), 1.0 if row == "eta1" else 0.0)
+    table = st.table.to(torch.float32).contiguous()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=g)
+    eps = torch.randn(SHAPE, generator=g)
+    out = torch.empty(SHAPE)
+    history = torch.randn((st.history_slots, *SHAPE), generator=g) if st.history_slots else None
+    if history is not None:
+        assert table[K, layout.C_H] != 0  # a second-order row: the ring is read
+    seed = torch.tensor([0, 0], dtype=torch.int64)
+    flags = torch.zeros((st.steps, 2), dtype=torch.int32)
+    pred = layout.PREDICTIONS["epsilon"]
+    kind = st.history_kind
     x_work = x.clone()  # the in-place variant's x_t (it drifts call after call; the time does not)
+
+    def args(x_in, out_, flags_):
+        return (x_in, eps, table, K, seed, pred, 0.0, kind, history, None, None, out_, None, flags_)
+
     fns = {
-        "cpp-op": lambda: op(x, eps, coef, K, seed, pred, 0.0, stochastic, None, out, None),
-        "cpp-op-inplace": lambda: op(x_work, eps, coef, K, seed, pred, 0.0, stochastic, None, x_work, None),
-        "ops.step": lambda: ops.step(x, eps, coef, K, seed, pred, 0.0, stochastic, None, out, None, "cpp"),
-        # what FusedSampler's eager loop calls (no custom-op dispatch), in place as the loop runs it
-        "sampler-path": lambda: ops.fused_step(x_work, eps, coef, K, seed, pred, 0.0, stochastic, None, x_work, None, "cpp"),
-        "reference": lambda: reference.fused_step(x, eps, coef, K, seed, pred, 0.0, stochastic, None, out, None),
-        "diffusers": (
-            (lambda: scheduler.step(eps, t, x, eta=eta, generator=gen)) if stochastic else (lambda: scheduler.step(eps, t, x, eta=0.0))
-        ),
+        "cpp-op": lambda: C.step(*args(x, out, None)),
+        "cpp-op-flags": lambda: C.step(*args(x, out, flags)),
+        "cpp-op+sum": lambda: (C.step(*args(x, out, None)), torch.sum(eps)),
+        "cpp-op-inplace": lambda: C.step(*args(x_work, x_work, flags)),
+        "run_step": lambda: ops.run_step(*args(x, out, flags), "cpp"),
+        "ops.step": lambda: ops.step(*args(x, out, flags), "cpp"),
+        "reference": lambda: reference.fused_step(*args(x, out, flags)),
     }
-    if stochastic:
+    if row != "dpmpp_2m":
+        diffusers = _diffusers_step(1.0 if row == "eta1" else 0.0, eps, x)
+        if diffusers is not None:
+            fns["diffusers"] = diffusers
+    if row == "eta1":
         fns["torch.randn"] = lambda: torch.randn(SHAPE)
     else:
         fns["torch.add"] = lambda: torch.add(x, eps, alpha=0.37, out=out)
     return fns
 
 
-_COMMON = ("cpp-op", "cpp-op-inplace", "sampler-path", "ops.step", "reference", "diffusers")
-CASES = [(0.0, p) for p in (*_COMMON, "torch.add")]
-CASES += [(1.0, p) for p in (*_COMMON, "torch.randn")]
+PROVIDERS = {
+    "eta0": ("cpp-op", "cpp-op-flags", "cpp-op+sum", "cpp-op-inplace", "run_step", "ops.step", "reference", "diffusers", "torch.add"),
+    "eta1": ("cpp-op", "cpp-op-flags", "cpp-op+sum", "cpp-op-inplace", "run_step", "ops.step", "reference", "diffusers", "torch.randn"),
+    "dpmpp_2m": ("cpp-op", "cpp-op-flags", "cpp-op+sum", "run_step", "reference", "torch.add"),
+}
+# bytes moved per element by the op: x and model_out read and x_next written (float32); 2M also
+# reads one ring slot and writes another.
+BYTES_PER_ELEMENT = {"eta0": 12, "eta1": 12, "dpmpp_2m": 20}
+RATIOS = {
+    "time_vs_torch_add": ("cpp-op", "torch.add"),  # eta 0: target <= 1.1
+    "time_vs_torch_randn": ("cpp-op", "torch.randn"),  # eta 1: below 1, the noise is drawn in-kernel
+    "time_flags_vs_no_flags": ("cpp-op-flags", "cpp-op"),  # ~1.0: the finite check costs no pass
+    "time_flags_vs_op_plus_sum": ("cpp-op-flags", "cpp-op+sum"),  # < 1: the old separate check
+    "speedup_vs_diffusers": ("diffusers", "cpp-op-flags"),
+    "speedup_vs_diffusers_through_ops_step": ("diffusers", "ops.step"),
+    "speedup_vs_reference": ("reference", "cpp-op-flags"),
+}
+CASES = [(row, p) for row, names in PROVIDERS.items() for p in names]
 
 
-@pytest.mark.parametrize("eta, provider", CASES, ids=[f"eta{eta:g}-{p}" for eta, p in CASES])
-def test_step(benchmark, cpp_op, report_ratio, eta, provider):
-    fns = _providers(eta, cpp_op)
-    benchmark.group = f"fused step 64x3x32x32 fp32, eta={eta:g} ({torch.get_num_threads()} threads)"
+@pytest.mark.parametrize("row, provider", CASES, ids=[f"{row}-{p}" for row, p in CASES])
+def test_step(benchmark, C, report_ratio, row, provider):
+    fns = _providers(row, C)
+    if provider not in fns:
+        pytest.skip(f"{provider} is not installed")
+    benchmark.group = f"fused step 64x3x32x32 fp32, {row} ({torch.get_num_threads()} threads)"
     benchmark.pedantic(fns[provider], rounds=200, iterations=1, warmup_rounds=20)
     if benchmark.disabled or provider != "cpp-op":
         return
-    ratios = {
-        "speedup_vs_diffusers": ("diffusers", "cpp-op"),
-        "speedup_vs_diffusers_inplace": ("diffusers", "cpp-op-inplace"),
-        "speedup_vs_diffusers_through_ops_step": ("diffusers", "ops.step"),
-    }
-    if eta == 0:
-        ratios["time_vs_torch_add"] = ("cpp-op", "torch.add")  # target <= 1.5
-    else:
-        ratios["time_vs_torch_randn"] = ("cpp-op", "torch.randn")  # target < 1
     info = benchmark.extra_info
-    report_ratio(f"eta={eta:g}: " + _record(info, _interleaved_times(fns), ratios, BYTES_PER_ELEMENT))
-    report_ratio(f"eta={eta:g}: median us {info['median_us']}; min us {info['min_us']}")
-
-
-# --------------------------------------------------------------------------------------------
-# The fused multistep step (DPM-Solver++(2M), issue 8): the C++ op against the PyTorch reference
-# --------------------------------------------------------------------------------------------
-
-MS_BYTES_PER_ELEMENT = 20  # x, model_out, x0_{k-1} read; x_next, x0_k (ring) written; float32
-
-
-def _multistep_providers(op) -> dict:
-    """name -> zero-argument callable on the same data: DPM-Solver++(2M), row K of a 50-step
-    log-SNR table (a second-order row: c_1 != 0, so the ring is read)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(SHAPE, generator=g)
-    eps = torch.randn(SHAPE, generator=g)
-    out = torch.empty(SHAPE)
-    schedule = NoiseSchedule.linear(1000)
-    coef = solvers.multistep_table(schedule, solvers.logsnr_timesteps(schedule, STEPS), "dpmpp_2m").to(torch.float32)
-    assert solvers.step_orders(STEPS, 2)[K] == 2 and coef[K, 4] != 0
-    history = torch.randn((solvers.HISTORY_SLOTS["dpmpp_2m"], *SHAPE), generator=g)
-    pred = reference.PREDICTIONS["epsilon"]
-    x_work = x.clone()  # the in-place variant's x_t (it drifts call after call; the time does not)
-    return {
-        "cpp-op": lambda: op(x, eps, coef, K, pred, 0.0, history, out, None),
-        "cpp-op-inplace": lambda: op(x_work, eps, coef, K, pred, 0.0, history, x_work, None),
-        # what FusedSampler's eager loop calls (no custom-op dispatch)
-        "sampler-path": lambda: ops.fused_multistep_step(x_work, eps, coef, K, pred, 0.0, history, x_work, None, "cpp"),
-        "reference": lambda: solvers.multistep_step(x, eps, coef, K, pred, 0.0, history, out, None),
-        "torch.add": lambda: torch.add(x, eps, alpha=0.37, out=out),
-    }
-
-
-@pytest.fixture(scope="module")
-def cpp_multistep_op(cpp_op):
-    try:
-        return torch.ops.ddim_fast_C.multistep_step
-    except (AttributeError, RuntimeError) as e:
-        pytest.skip(f"the C++ extension has no multistep_step op (a stale build?): {e}")
-
-
-MS_CASES = ("cpp-op", "cpp-op-inplace", "sampler-path", "reference", "torch.add")
-
-
-@pytest.mark.parametrize("provider", MS_CASES, ids=[f"dpmpp_2m-{p}" for p in MS_CASES])
-def test_multistep_step(benchmark, cpp_multistep_op, report_ratio, provider):
-    fns = _multistep_providers(cpp_multistep_op)
-    benchmark.group = f"multistep step (dpmpp_2m, second order) 64x3x32x32 fp32 ({torch.get_num_threads()} threads)"
-    benchmark.pedantic(fns[provider], rounds=200, iterations=1, warmup_rounds=20)
-    if benchmark.disabled or provider != "cpp-op":
-        return
-    ratios = {
-        "speedup_vs_reference": ("reference", "cpp-op"),
-        "speedup_vs_reference_inplace": ("reference", "cpp-op-inplace"),
-        "speedup_vs_reference_sampler_path": ("reference", "sampler-path"),
-        "time_vs_torch_add": ("cpp-op", "torch.add"),
-    }
-    info = benchmark.extra_info
-    report_ratio("multistep dpmpp_2m: " + _record(info, _interleaved_times(fns), ratios, MS_BYTES_PER_ELEMENT))
-    report_ratio(f"multistep dpmpp_2m: median us {info['median_us']}; min us {info['min_us']}")
+    report_ratio(f"{row}: " + _record(info, _interleaved_times(fns), RATIOS, BYTES_PER_ELEMENT[row]))
+    report_ratio(f"{row}: median us {info['median_us']}; min us {info['min_us']}")

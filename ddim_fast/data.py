@@ -22,6 +22,8 @@ data and of the normalisation (``pixel = (x + 1) / 2 * 255``) that checkpoints r
 
 from __future__ import annotations
 
+import errno
+import numbers
 import os
 import zipfile
 from typing import Any, Dict, Optional, Tuple
@@ -51,6 +53,18 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 Info = Dict[str, Any]
 
+# The largest grid make_grid builds: 2**28 pixels is 768 MiB as RGB uint8 (a 64-image grid of
+# 16x16 digits at the default scale is 520x520 = 2**18); beyond that a typo in scale or nrow
+# would try to allocate terabytes.
+MAX_GRID_PIXELS = 2**28
+
+
+def _check_size(name: str, value, lo: int = 1) -> int:
+    """A positive integer; 8.5 or "8" is refused, not truncated."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
+        raise ValueError(f"{name}: expected an integer >= {lo}, got {value!r}")
+    return int(value)
+
 
 def _normalization() -> Dict[str, Any]:
     return {"range": [-1.0, 1.0], "to_uint8": "round((x + 1) / 2 * 255)"}
@@ -61,6 +75,8 @@ def load_dataset(spec: str, image_size: Optional[int] = None) -> Tuple[torch.Ten
     if not isinstance(spec, (str, os.PathLike)) or not str(spec):
         raise ValueError(f"data: expected 'digits', an image folder or a .npz file, got {spec!r}")
     spec = str(spec)
+    if image_size is not None:
+        image_size = _check_size("image_size", image_size)
     if spec == "digits":
         return load_digits(image_size=16 if image_size is None else image_size)
     if os.path.isdir(spec):
@@ -74,8 +90,9 @@ def load_dataset(spec: str, image_size: Optional[int] = None) -> Tuple[torch.Ten
 
 def load_digits(image_size: int = 16) -> Tuple[torch.Tensor, Info]:
     """scikit-learn's 8x8 digits, upsampled (bilinear) to ``image_size``, in [-1, 1], shape (1797, 1, S, S)."""
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 8:
         raise ValueError(f"image_size: expected an integer >= 8 for the digits, got {image_size!r}")
+    image_size = int(image_size)
     try:
         from sklearn.datasets import load_digits as _sk_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -110,8 +127,8 @@ def load_image_folder(path: str, image_size: Optional[int] = None) -> Tuple[torc
     names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
     if not names:
         raise ValueError(f"data: folder {path!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"image_size: expected a positive integer, got {image_size!r}")
+    if image_size is not None:
+        image_size = _check_size("image_size", image_size)
     images = []
     for name in names:
         file = os.path.join(path, name)
@@ -158,6 +175,8 @@ def load_npz(path: str, key: Optional[str] = None, image_size: Optional[int] = N
     """A uint8 image array from a ``.npz`` (never unpickled): (N,H,W), (N,H,W,C) or (N,C,H,W)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data: .npz file {path!r} does not exist")
+    if image_size is not None:
+        image_size = _check_size("image_size", image_size)
     try:
         with np.load(path, allow_pickle=False) as f:
             keys = list(f.keys())
@@ -217,12 +236,17 @@ def make_grid(x: torch.Tensor, nrow: Optional[int] = None, scale: Optional[int] 
     if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] < 1:
         raise ValueError(f"images: expected (N, 1 or 3, H, W) with N >= 1, got shape {tuple(x.shape)}")
     n, _, h, w = x.shape
-    nrow = int(np.ceil(np.sqrt(n))) if nrow is None else int(nrow)
-    if nrow < 1:
-        raise ValueError(f"nrow: expected a positive integer, got {nrow!r}")
-    scale = max(1, 64 // max(h, w)) if scale is None else int(scale)
-    if scale < 1:
-        raise ValueError(f"scale: expected a positive integer, got {scale!r}")
+    nrow = int(np.ceil(np.sqrt(n))) if nrow is None else _check_size("nrow", nrow)
+    scale = max(1, 64 // max(h, w)) if scale is None else _check_size("scale", scale)
+    if not isinstance(pad, numbers.Integral) or isinstance(pad, bool) or pad < 0:
+        raise ValueError(f"pad: expected an integer >= 0, got {pad!r}")
+    rows = -(-n // nrow)
+    pixels = (rows * (h * scale + pad) + pad) * (nrow * (w * scale + pad) + pad)
+    if pixels > MAX_GRID_PIXELS:
+        raise ValueError(
+            f"scale: a grid of {n} images of {h}x{w} at scale {scale}, {nrow} per row, would have {pixels} pixels; "
+            f"expected at most {MAX_GRID_PIXELS} (a smaller scale, or fewer images)"
+        )
     tiles = to_uint8(x)
     if scale > 1:
         tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)
@@ -240,18 +264,23 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and os.replace, so a
     reader (or a kill at any moment) sees either the old file or the complete new one."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "is a folder; expected the path of a file to write", path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            # The temporary name is ours, not the user's: report the path they asked for.
+            raise type(e)(e.errno, f"cannot write the file: {e.strerror}", path) from None
         raise
 
 

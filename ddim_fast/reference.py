@@ -153,23 +153,8 @@ def gaussian(
     return z.reshape(shape)
 
 
-def fused_step(
-    x: torch.Tensor,
-    model_out: torch.Tensor,
-    table: torch.Tensor,
-    step: int,
-    seed: torch.Tensor,
-    prediction: int,
-    clip: float,
-    history_kind: int,
-    history: Optional[torch.Tensor],
-    saved: Optional[torch.Tensor],
-    noise: Optional[torch.Tensor],
-    out: torch.Tensor,
-    x0_out: Optional[torch.Tensor],
-    flags: Optional[torch.Tensor],
-    compute_dtype: torch.dtype = torch.float32,
-) -> None:
+def fused_step(x, model_out, table, step: int, seed, prediction: int, clip: float, history_kind: int, history, saved, noise,
+               out, x0_out, flags, compute_dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
     """The fused-step contract of ``ddim_fast.layout`` in plain PyTorch (the oracle of every backend).
 
     Arguments are those of the ``ddim_fast::step`` op (``ddim_fast.ops.step``): ``table`` the

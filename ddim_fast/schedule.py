@@ -98,11 +98,6 @@ class NoiseSchedule:
     def __repr__(self) -> str:
         return f"NoiseSchedule({self.name}, T={self.T}, alpha_T={self.alphas_cumprod[-1].item():.3g})"
 
-    def log_snr(self) -> torch.Tensor:
-        """log(alpha_t / (1 - alpha_t)), float64, length T."""
-        a = self.alphas_cumprod
-        return torch.log(a) - torch.log1p(-a)
-
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q(x_t | x_0): sqrt(alpha_t) x0 + sqrt(1 - alpha_t) noise, with t an int64 tensor (B,)."""
         a = self.alphas_cumprod.to(x0.device)[t].to(torch.float32)

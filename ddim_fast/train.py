@@ -25,6 +25,24 @@ param groups, and the file name and SHA-256 of the weights. Both are written thr
 temporary file and ``os.replace``; the JSON is written last and names the weights it belongs
 to, so a kill at any moment leaves the previous complete checkpoint. Loading checks the hash,
 so a truncated or edited weights file is a clear error rather than garbage.
+
+A checkpoint read from disk is untrusted input: its ``weights`` entry must be the plain name of
+a ``.safetensors`` file in the JSON's own folder (no ``/``, no ``..``, no absolute path, no
+symbolic link that leads out of the folder), its model config is bounded (``nn.unet.LIMITS``)
+and built on the meta device first, and the tensor names, shapes and dtypes declared in the
+safetensors header are checked against that config before a byte of weights is read or a real
+layer allocated.
+
+Runs are never overwritten
+--------------------------
+``train`` into a folder that already holds a run (``checkpoint.json``, ``checkpoint-*``,
+``metrics.jsonl`` or ``samples/``) refuses unless told what to do: ``resume=True`` continues it,
+``fresh=True`` starts a new run after moving the old run's files into ``<out>/previous-<UTC
+time>/`` (a complete, loadable checkpoint folder; nothing is deleted). A resumed run keeps every
+setting of its checkpoint: ``TrainConfig.from_checkpoint(out, **changes)`` builds its config,
+only the fields in ``RESUMABLE`` (length and bookkeeping) may change, and any other difference
+is an error naming the field. A resume whose target the run has already reached does nothing
+and says so (``already_finished`` in the summary).
 """
 
 from __future__ import annotations
@@ -34,20 +52,24 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import os
+import re
 import sys
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ddim_fast.data import atomic_write_bytes, load_dataset, save_grid
 from ddim_fast.nn.unet import UNet
-from ddim_fast.schedule import NoiseSchedule, select_timesteps, step_table
+from ddim_fast.schedule import NoiseSchedule
 
 __all__ = [
     "TrainConfig",
+    "RESUMABLE",
+    "BOOKKEEPING",
     "train",
     "load_model",
     "read_checkpoint",
@@ -62,6 +84,12 @@ __all__ = [
 CHECKPOINT_FORMAT = "ddim_fast.checkpoint"
 CHECKPOINT_VERSION = 1
 ASSET_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits.json")
+# The file names a training run owns in its --out folder (what "a run is already there" means).
+RUN_FILES = ("checkpoint.json", "metrics.jsonl", "samples")
+_WEIGHTS_FILE = re.compile(r"checkpoint-\d{8,}\.safetensors")
+# Schedules longer than this are refused: 1e6 float64 betas are 8 MB, a T from a hand-edited
+# file must not allocate without bound (the DDPM / DDIM papers use T = 1000).
+MAX_T = 1_000_000
 
 
 class CheckpointError(ValueError):
@@ -76,7 +104,7 @@ class TrainConfig:
     data: str = "digits"
     out: str = "runs/digits"
     image_size: Optional[int] = None  # None: the data's own size (16 for the digits)
-    steps: int = 10000
+    steps: Optional[int] = None  # None: 10000 for a new run; on resume, the run's own target
     batch: int = 64  # global batch, split evenly over the ranks
     lr: float = 2e-4
     warmup: int = 500
@@ -96,30 +124,88 @@ class TrainConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     # bookkeeping
-    ckpt_every: int = 500
-    sample_every: int = 1000
-    log_every: int = 100
-    sample_steps: int = 50
-    num_samples: int = 64
+    # bookkeeping: None = BOOKKEEPING's default for a new run, the run's own value on resume
+    ckpt_every: Optional[int] = None
+    sample_every: Optional[int] = None
+    log_every: Optional[int] = None
+    sample_steps: Optional[int] = None
+    num_samples: Optional[int] = None
     device: str = "auto"
     threads: Optional[int] = None
     progress: bool = True
 
     def validate(self) -> None:
-        for name in ("steps", "batch", "ckpt_every", "sample_every", "log_every", "sample_steps", "num_samples", "T"):
+        """Every field's type and range; a wrong type is an error, never a silent conversion
+        (``steps=2.5`` is refused, not truncated to 2)."""
+        for name in ("steps", "batch", "ckpt_every", "sample_every", "log_every", "sample_steps", "num_samples",
+                     "ch", "num_res_blocks", "num_groups"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("T", self.T, 1, MAX_T)
+        _check_int("warmup", self.warmup, 0)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        if self.image_size is not None:
+            _check_int("image_size", self.image_size, 1)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1)
+        for name in ("ch_mult", "attn_resolutions"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup: expected an integer >= 0, got {self.warmup!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
-        if not self.grad_clip > 0:
-            raise ValueError(f"grad_clip: expected a positive gradient-norm limit, got {self.grad_clip!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay: expected a decay in [0, 1), got {self.ema_decay!r}")
+            if v is None and name == "attn_resolutions":
+                continue
+            if isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list)) or not all(
+                isinstance(m, numbers.Integral) and not isinstance(m, bool) and m >= 1 for m in v
+            ):
+                raise ValueError(f"{name}: expected a sequence of positive integers, got {v!r}")
+            setattr(self, name, tuple(int(m) for m in v))
+        if not self.ch_mult:
+            raise ValueError("ch_mult: expected at least one channel multiplier, got ()")
+        _check_real("lr", self.lr, "a positive learning rate", lambda v: v > 0)
+        _check_real("grad_clip", self.grad_clip, "a positive gradient-norm limit", lambda v: v > 0)
+        _check_real("ema_decay", self.ema_decay, "a decay in [0, 1)", lambda v: 0.0 <= v < 1.0)
+        _check_real("dropout", self.dropout, "a probability in [0, 1)", lambda v: 0.0 <= v < 1.0)
+        _check_real("beta_start", self.beta_start, "a beta in (0, 1)", lambda v: 0.0 < v < 1.0)
+        _check_real("beta_end", self.beta_end, "a beta in (0, 1)", lambda v: 0.0 < v < 1.0)
+        for name in ("flip", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+        for name in ("data", "out", "device"):
+            v = getattr(self, name)
+            if isinstance(v, os.PathLike) and name != "device":
+                v = os.fspath(v)
+                setattr(self, name, v)
+            if not isinstance(v, str) or not v:
+                raise ValueError(f"{name}: expected a non-empty string, got {v!r}")
         if self.sample_steps > self.T:
             raise ValueError(f"sample_steps: {self.sample_steps} exceeds T = {self.T}")
+        for f in dataclasses.fields(self):  # numpy integers and floats -> JSON-serialisable Python ones
+            v = getattr(self, f.name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+                setattr(self, f.name, int(v))
+            elif isinstance(v, numbers.Real) and not isinstance(v, bool):
+                setattr(self, f.name, float(v))
+
+    def changed(self, changes: Dict[str, Any], *, where: str) -> "TrainConfig":
+        """A copy with ``changes`` applied, for a resumed run: a field outside ``RESUMABLE`` may be
+        named only with the value the run already has (anything else is an error naming it)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ValueError(f"resume: unknown TrainConfig field(s) {unknown}; expected a subset of {sorted(names)}")
+        new = dataclasses.replace(self, **changes)
+        _check_resume_fixed(self, new, where)
+        return new
+
+    @classmethod
+    def from_checkpoint(cls, out: str, **changes: Any) -> "TrainConfig":
+        """The config of the run in ``out`` (its ``checkpoint.json``), with ``changes`` applied:
+        what ``train(..., resume=True)`` needs. Unnamed fields keep the run's own values, so
+        ``from_checkpoint(out)`` continues to the run's own ``steps`` with its own ``ckpt_every``..."""
+        out = os.fspath(out)
+        json_path = os.path.join(out, "checkpoint.json")
+        if not os.path.isfile(json_path):
+            raise CheckpointError(f"resume: no checkpoint at {json_path!r}")
+        saved = cls.from_json(_read_meta(json_path).get("train"), where=json_path)
+        saved.out = out
+        return saved.changed(changes, where=json_path)
 
     def to_json(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -129,16 +215,61 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_json(cls, d: Dict[str, Any]) -> "TrainConfig":
+    def from_json(cls, d: Dict[str, Any], *, where: str = "checkpoint") -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{where}: 'train' must be a dict of TrainConfig fields, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise CheckpointError(f"train config: unknown field(s) {unknown}")
+            raise CheckpointError(f"{where}: train config: unknown field(s) {unknown}")
         d = dict(d)
         for k in ("ch_mult", "attn_resolutions"):
-            if d.get(k) is not None:
+            if isinstance(d.get(k), list):
                 d[k] = tuple(d[k])
-        return cls(**d)
+        cfg = cls(**d)
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise CheckpointError(f"{where}: bad train config: {e}") from e
+        return cfg
+
+
+# The defaults of the fields a resume keeps from its run unless told otherwise (None in TrainConfig).
+BOOKKEEPING = {"steps": 10000, "ckpt_every": 500, "sample_every": 1000, "log_every": 100, "sample_steps": 50, "num_samples": 64}
+
+
+def _fill_bookkeeping(cfg: TrainConfig, saved: Optional[TrainConfig]) -> None:
+    for name, default in BOOKKEEPING.items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, default if saved is None else getattr(saved, name))
+
+
+# What a resumed run may change: its length and its bookkeeping. Everything else (model, data,
+# batch, optimizer, schedule, seed) defines the run: changing it would no longer continue the
+# same run bit for bit, so it is an error rather than silently ignored or silently applied.
+RESUMABLE = ("steps", "ckpt_every", "sample_every", "log_every", "sample_steps", "num_samples", "device", "threads",
+             "progress", "out")
+
+
+def _check_resume_fixed(saved: TrainConfig, cfg: TrainConfig, where: str) -> None:
+    a, b = saved.to_json(), cfg.to_json()
+    for name in a:
+        if name not in RESUMABLE and a[name] != b[name]:
+            raise ValueError(
+                f"{name}: cannot change on resume (the run in {where!r} has {a[name]!r}, got {b[name]!r}); "
+                f"only {', '.join(RESUMABLE[:-1])} may change; start a new run for another {name}"
+            )
+
+
+def _check_int(name: str, value, lo: int, hi: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo or (hi is not None and value > hi):
+        what = {0: "an integer >= 0", 1: "a positive integer"}.get(lo, f"an integer >= {lo}")
+        raise ValueError(f"{name}: expected {what}{'' if hi is None else f' up to {hi}'}, got {value!r}")
+
+
+def _check_real(name: str, value, what: str, ok: Callable[[float], bool]) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
 
 
 def schedule_config(cfg: TrainConfig) -> Dict[str, Any]:
@@ -146,19 +277,35 @@ def schedule_config(cfg: TrainConfig) -> Dict[str, Any]:
 
 
 def schedule_from_config(d: Dict[str, Any]) -> NoiseSchedule:
-    """The NoiseSchedule a checkpoint's ``schedule`` entry describes."""
+    """The NoiseSchedule a checkpoint's ``schedule`` entry describes: ``{"kind": "linear" |
+    "cosine" | "scaled_linear", ...their arguments}`` or ``{"kind": "betas", "betas": [...]}``."""
     if not isinstance(d, dict) or "kind" not in d:
         raise CheckpointError(f"schedule: expected a dict with a 'kind', got {d!r}")
     d = dict(d)
     kind = d.pop("kind")
     makers = {"linear": NoiseSchedule.linear, "cosine": NoiseSchedule.cosine, "scaled_linear": NoiseSchedule.scaled_linear}
     if kind == "betas":
-        return NoiseSchedule.from_betas(d["betas"])
+        if "betas" not in d:
+            raise CheckpointError("schedule: kind 'betas' needs the key 'betas' (a list of T floats in (0, 1)), which is missing")
+        betas = d.pop("betas")
+        if d:
+            raise CheckpointError(f"schedule: unknown key(s) {sorted(d)} for kind 'betas'; expected only 'betas'")
+        if not isinstance(betas, list) or not 1 <= len(betas) <= MAX_T or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas
+        ):
+            raise CheckpointError(f"schedule: 'betas' must be a list of 1 to {MAX_T} numbers in (0, 1)")
+        try:
+            return NoiseSchedule.from_betas(betas)
+        except ValueError as e:
+            raise CheckpointError(f"schedule: {e}") from e
     if kind not in makers:
         raise CheckpointError(f"schedule: unknown kind {kind!r}; expected one of {sorted(makers) + ['betas']}")
+    T = d.get("T", 1000)
+    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_T:
+        raise CheckpointError(f"schedule: 'T' must be an integer in [1, {MAX_T}], got {T!r}")
     try:
         return makers[kind](**d)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"schedule: bad arguments for {kind!r}: {e}") from e
 
 
@@ -195,6 +342,7 @@ def write_checkpoint(json_path: str, tensors: Dict[str, torch.Tensor], meta: Dic
     folder = os.path.dirname(os.path.abspath(json_path))
     if weights_name is None:
         weights_name = os.path.splitext(os.path.basename(json_path))[0] + ".safetensors"
+    _check_weights_name(weights_name, "write_checkpoint")
     blob = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
     atomic_write_bytes(os.path.join(folder, weights_name), blob)
     meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **meta, "weights": weights_name, "sha256": _sha256(blob)}
@@ -223,15 +371,8 @@ def _resolve_checkpoint_json(path: Optional[str]) -> str:
     return path
 
 
-def read_checkpoint(path: Optional[str] = None, *, verify: bool = True) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
-    """(meta, tensors) of a checkpoint: a training folder, its ``.json`` or its ``.safetensors``;
-    None = the embedded digits model. Never unpickles; checks the SHA-256 the JSON records."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    json_path = _resolve_checkpoint_json(path)
-    if path is None and not os.path.isfile(json_path):
-        raise CheckpointError(f"the embedded model {json_path!r} is missing from this installation")
+def _read_meta(json_path: str) -> Dict[str, Any]:
+    """A checkpoint JSON, parsed and checked for its format, version and required entries."""
     try:
         with open(json_path, "rb") as f:
             meta = json.loads(f.read().decode("utf-8"))
@@ -244,9 +385,94 @@ def read_checkpoint(path: Optional[str] = None, *, verify: bool = True) -> Tuple
     for key in ("weights", "sha256", "model", "schedule"):
         if key not in meta:
             raise CheckpointError(f"checkpoint config {json_path!r} lacks the entry {key!r}")
-    weights = os.path.join(os.path.dirname(os.path.abspath(json_path)), meta["weights"])
-    if not os.path.isfile(weights):
-        raise CheckpointError(f"checkpoint weights {weights!r} named by {json_path!r} do not exist")
+    return meta
+
+
+def _check_weights_name(name: Any, where: str) -> str:
+    """A plain ``*.safetensors`` file name: no folder part, no ``..``, not absolute."""
+    if (
+        not isinstance(name, str)
+        or not name.endswith(".safetensors")
+        or name.startswith(".")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or os.path.isabs(name)
+        or os.path.basename(name) != name
+    ):
+        raise CheckpointError(
+            f"{where}: 'weights' must be the plain name of a .safetensors file in the checkpoint's own folder "
+            f"(no '/', no '..', not absolute), got {name!r}"
+        )
+    return name
+
+
+def _weights_path(json_path: str, meta: Dict[str, Any]) -> str:
+    """The weights file a checkpoint JSON names, which must lie inside the JSON's folder.
+
+    Every check here is on the name and on the link itself, never on what it points to, so the
+    errors reveal nothing about files outside the folder (not whether they exist, nor their size).
+    """
+    name = _check_weights_name(meta["weights"], f"checkpoint config {json_path!r}")
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(json_path)))
+    path = os.path.join(folder, name)
+    real = os.path.realpath(path)
+    if os.path.commonpath([folder, real]) != folder:
+        raise CheckpointError(
+            f"checkpoint config {json_path!r}: 'weights' {name!r} is a symbolic link that leads outside the "
+            "checkpoint's folder; the weights must live inside it"
+        )
+    if not os.path.isfile(real):
+        raise CheckpointError(f"checkpoint weights {name!r} named by {json_path!r} do not exist (or are not a file)")
+    return real
+
+
+# dtypes a weights file may declare (the safetensors header's names); all load as float32.
+_WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _read_header(weights: str) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+    """{name: (dtype, shape)} from a safetensors header, without reading the tensor data."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(weights, framework="pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"checkpoint weights {weights!r} are not a valid safetensors file: the file is truncated, corrupt or "
+            f"was edited ({e})"
+        ) from e
+
+
+def _check_fit(shapes: Dict[str, Tuple[int, ...]], header, prefix: str, what: str) -> None:
+    """The header's ``prefix*`` tensors have exactly the names and shapes of the model's state dict."""
+    got = {k[len(prefix) :]: v for k, v in header.items() if k.startswith(prefix)}
+    missing = sorted(set(shapes) - set(got))
+    unexpected = sorted(set(got) - set(shapes))
+    wrong = [f"{k}: {got[k][1]} vs {v}" for k, v in shapes.items() if k in got and got[k][1] != v]
+    dtypes = sorted({d for k, (d, _) in got.items() if d not in _WEIGHT_DTYPES})
+    if missing or unexpected or wrong or dtypes:
+        raise CheckpointError(
+            f"{what}: the weights do not fit the model config"
+            + (f"; missing {missing[:3]}{'...' if len(missing) > 3 else ''}" if missing else "")
+            + (f"; unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}" if unexpected else "")
+            + (f"; wrong shapes (file vs config) {wrong[:3]}" if wrong else "")
+            + (f"; dtypes {dtypes} (expected one of {list(_WEIGHT_DTYPES)})" if dtypes else "")
+        )
+
+
+def _model_shapes(config: Any, where: str) -> Dict[str, Tuple[int, ...]]:
+    try:
+        return UNet.state_shapes(config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint config {where!r}: bad model config: {e}") from e
+
+
+def _read_tensors(json_path: str, meta: Dict[str, Any], weights: str, verify: bool) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
     with open(weights, "rb") as f:
         blob = f.read()
     if verify and _sha256(blob) != meta["sha256"]:
@@ -255,9 +481,26 @@ def read_checkpoint(path: Optional[str] = None, *, verify: bool = True) -> Tuple
             f"({len(blob)} bytes): the file is truncated, corrupt or was edited"
         )
     try:
-        tensors = load(blob)
+        return load(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint weights {weights!r} are not a valid safetensors file: {e}") from e
+
+
+def _open_checkpoint(path: Optional[str]) -> Tuple[str, Dict[str, Any], str, Dict[str, Tuple[str, Tuple[int, ...]]]]:
+    """(json path, meta, weights path, header): everything but the tensor data, all checked."""
+    json_path = _resolve_checkpoint_json(path)
+    if path is None and not os.path.isfile(json_path):
+        raise CheckpointError(f"the embedded model {json_path!r} is missing from this installation")
+    meta = _read_meta(json_path)
+    weights = _weights_path(json_path, meta)
+    return json_path, meta, weights, _read_header(weights)
+
+
+def read_checkpoint(path: Optional[str] = None, *, verify: bool = True) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """(meta, tensors) of a checkpoint: a training folder, its ``.json`` or its ``.safetensors``;
+    None = the embedded digits model. Never unpickles; checks the SHA-256 the JSON records."""
+    json_path, meta, weights, _ = _open_checkpoint(path)
+    tensors = _read_tensors(json_path, meta, weights, verify)
     meta["_json_path"] = json_path
     return meta, tensors
 
@@ -283,25 +526,45 @@ def _load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], what: 
 
 def load_model(path: Optional[str] = None, *, device="cpu", weights: str = "ema") -> Tuple[UNet, NoiseSchedule]:
     """(model in eval mode, schedule) from a checkpoint; ``path=None`` is the embedded digits model
-    in ``ddim_fast/assets/``. ``weights="ema"`` (default, the sampling weights) or ``"model"``."""
+    in ``ddim_fast/assets/``. ``weights="ema"`` (default, the sampling weights) or ``"model"``.
+
+    The schedule, the model config (on the meta device) and the safetensors header are checked
+    before the weights are read, so a hand-edited config fails in milliseconds, not after
+    allocating the model it describes."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights: expected 'ema' or 'model', got {weights!r}")
-    meta, tensors = read_checkpoint(path)
-    where = meta["_json_path"]
-    try:
-        model = UNet.from_config(meta["model"])
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"checkpoint config {where!r}: bad model config: {e}") from e
-    state = _sub(tensors, weights + "/")
-    if not state:
-        raise CheckpointError(f"checkpoint {where!r} holds no {weights!r} weights (it has {meta.get('contents')})")
-    _load_weights(model, state, f"checkpoint {where!r} ({weights})")
-    return model.to(device).eval(), schedule_from_config(meta["schedule"])
+    json_path, meta, weights_file, header = _open_checkpoint(path)
+    schedule = schedule_from_config(meta["schedule"])
+    shapes = _model_shapes(meta["model"], json_path)
+    if not any(k.startswith(weights + "/") for k in header):
+        raise CheckpointError(f"checkpoint {json_path!r} holds no {weights!r} weights (it has {meta.get('contents')})")
+    _check_fit(shapes, header, weights + "/", f"checkpoint {json_path!r} ({weights})")
+    tensors = _read_tensors(json_path, meta, weights_file, verify=True)
+    model = UNet.from_config(meta["model"])
+    _load_weights(model, _sub(tensors, weights + "/"), f"checkpoint {json_path!r} ({weights})")
+    return model.to(device).eval(), schedule
 
 
-def export_model(ckpt: str, json_out: str, dtype: torch.dtype = torch.float32, extra: Optional[Dict[str, Any]] = None) -> None:
-    """Write the EMA weights (only) of a training checkpoint as a small sampling checkpoint."""
+def export_model(ckpt: str, json_out: str, dtype: torch.dtype = torch.float32, extra: Optional[Dict[str, Any]] = None,
+                 *, overwrite: bool = False) -> None:
+    """Write the EMA weights (only) of a training checkpoint as a small sampling checkpoint:
+    ``json_out`` (a ``.json``) and the ``.safetensors`` of the same stem next to it. Existing
+    files there are refused unless ``overwrite=True`` (never the source checkpoint's own)."""
+    json_out = os.fspath(json_out)
+    if not json_out.endswith(".json"):
+        raise ValueError(f"out: expected a path ending in .json (the weights go next to it), got {json_out!r}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"dtype: expected a floating-point dtype for the weights, got {dtype!r}")
     meta, tensors = read_checkpoint(ckpt)
+    weights_out = json_out[: -len(".json")] + ".safetensors"
+    src = {os.path.realpath(meta["_json_path"]), os.path.realpath(os.path.join(os.path.dirname(meta["_json_path"]), meta["weights"]))}
+    for target in (json_out, weights_out):
+        if os.path.realpath(target) in src:
+            raise ValueError(f"out: {json_out!r} would overwrite the checkpoint being exported ({target!r})")
+        if os.path.isdir(target):
+            raise ValueError(f"out: {target!r} is a folder; expected a path for a new file")
+        if os.path.lexists(target) and not overwrite:
+            raise ValueError(f"out: {target!r} already exists; remove it, choose another path, or pass overwrite=True")
     ema = {k: v.to(dtype) for k, v in tensors.items() if k.startswith("ema/")}
     if not ema:
         raise CheckpointError(f"checkpoint {meta['_json_path']!r} holds no EMA weights")
@@ -358,22 +621,17 @@ def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: Dict[str, torch.Te
 
 @torch.no_grad()
 def preview_samples(model: torch.nn.Module, schedule: NoiseSchedule, shape, steps: int = 50, seed: int = 0) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0, Eq. 12) samples for the training-time grids.
+    """Deterministic DDIM (eta = 0, Eq. 12) samples for the training-time grids, through the
+    public ``FusedSampler`` (where no compiled backend can be built it falls back to the
+    reference step with one warning, so a long run never fails on a kernel build).
 
-    Deliberately independent of FusedSampler and its compiled backends: a long training run
-    must not fail because a kernel could not be built. Same maths, plain PyTorch, float32.
+    fp32 so that a grid does not depend on whether the CPU has bf16; no CUDA graph, because a
+    new sampler is made for every grid and a capture would be paid once and replayed never.
     """
-    device = next(model.parameters()).device
-    tau = select_timesteps(schedule.T, steps, "uniform")
-    coef = step_table(schedule, tau, 0.0).to(torch.float32)
-    g = torch.Generator().manual_seed(int(seed))
-    x = torch.randn(shape, generator=g).to(device)
-    for k, t in enumerate(tau[::-1].tolist()):
-        sqrt_alpha_t, sqrt_one_minus_alpha_t, sqrt_alpha_prev, c_dir, _ = coef[k].tolist()
-        eps = model(x, torch.full((shape[0],), t, dtype=torch.int64, device=device))
-        x0_pred = (x - sqrt_one_minus_alpha_t * eps) / sqrt_alpha_t
-        x = sqrt_alpha_prev * x0_pred + c_dir * eps
-    return x
+    from ddim_fast import FusedSampler
+
+    sampler = FusedSampler(model, schedule=schedule, steps=steps, eta=0.0, precision="fp32", cuda_graph=False)
+    return sampler.sample(shape=tuple(shape), seed=seed)
 
 
 def _dist_info() -> Tuple[int, int, int]:
@@ -385,41 +643,116 @@ def _dist_info() -> Tuple[int, int, int]:
 def _pick_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} asks for CUDA, which this machine does not have; use 'cpu' or 'auto'")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device(f"cuda:{local_rank}")
     return dev
+
+
+def _run_files(out: str) -> List[str]:
+    """The entries of ``out`` that belong to a training run (empty if ``out`` does not exist)."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(n for n in os.listdir(out) if n in RUN_FILES or _WEIGHTS_FILE.fullmatch(n))
+
+
+def _move_aside(out: str, names: List[str]) -> str:
+    """Move the run files ``names`` of ``out`` into a new ``out/previous-<UTC time>/`` (renames
+    inside one folder: nothing is copied, nothing deleted; the result is a loadable checkpoint)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for i in range(1000):
+        dest = os.path.join(out, f"previous-{stamp}" + (f"-{i}" if i else ""))
+        try:
+            os.mkdir(dest)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - a thousand fresh starts in one second
+        raise FileExistsError(f"out: cannot find a free previous-{stamp}-N folder in {out!r}")
+    # checkpoint.json last: until it moves, the folder still holds a complete checkpoint.
+    for name in sorted(names, key=lambda n: n == "checkpoint.json"):
+        os.rename(os.path.join(out, name), os.path.join(dest, name))
+    return dest
 
 
 def train(
     cfg: TrainConfig,
     *,
     resume: bool = False,
+    fresh: bool = False,
     callback: Optional[Callable[[int, float], None]] = None,
 ) -> Dict[str, Any]:
-    """Train (or with ``resume``, continue from ``<cfg.out>/checkpoint.json``) to ``cfg.steps`` steps.
+    """Train a new run in ``cfg.out``, or with ``resume`` continue ``<cfg.out>/checkpoint.json``,
+    to ``cfg.steps`` steps.
+
+    - A new run refuses a folder that already holds one (``RUN_FILES``, ``checkpoint-*``): pass
+      ``resume=True`` to continue it, or ``fresh=True`` to start over, which first moves the old
+      run's files into ``<out>/previous-<UTC time>/`` (nothing is deleted).
+    - ``resume=True``: ``cfg`` must be the run's own config except for the ``RESUMABLE`` fields;
+      ``TrainConfig.from_checkpoint(out, **changes)`` builds it (unnamed fields keep the run's
+      values), and a bookkeeping field left at None (``BOOKKEEPING``: steps, ckpt_every, ...)
+      takes the run's own value, never the default. A run already at ``cfg.steps`` returns at
+      once with ``already_finished: True`` and touches no file.
 
     Run it under ``torchrun --nproc_per_node W`` for W data-parallel processes. ``callback(step,
     loss)`` is called on every rank after each step (``step`` counts completed steps). Returns a
     summary (steps, final running loss, wall time, checkpoint path) on every rank.
     """
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
+    if resume and fresh:
+        raise ValueError("fresh: cannot be combined with resume (resume continues the run in out, fresh starts a new one)")
+    cfg = dataclasses.replace(cfg)  # filled in and normalised below: not the caller's object
+    if not isinstance(cfg.out, (str, os.PathLike)) or not os.fspath(cfg.out):
+        raise ValueError(f"out: expected a folder path, got {cfg.out!r}")
+    cfg.out = os.fspath(cfg.out)
     rank, world, local_rank = _dist_info()
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"out: {cfg.out!r} is a file; expected a folder for the run")
     json_path = os.path.join(cfg.out, "checkpoint.json")
     meta: Optional[Dict[str, Any]] = None
     tensors: Dict[str, torch.Tensor] = {}
+    moved = None
     if resume:
         if not os.path.isfile(json_path):
             raise CheckpointError(f"resume: no checkpoint at {json_path!r}")
-        meta, tensors = read_checkpoint(json_path)
-        saved = TrainConfig.from_json(meta["train"])
-        # The run's identity comes from the checkpoint; only its length and bookkeeping may change.
-        for f in ("steps", "ckpt_every", "sample_every", "log_every", "device", "threads", "progress", "out"):
-            setattr(saved, f, getattr(cfg, f))
-        cfg = saved
-    cfg.validate()
+        json_path, meta, weights_file, header = _open_checkpoint(json_path)
+        saved = TrainConfig.from_json(meta.get("train"), where=json_path)
+        _fill_bookkeeping(cfg, saved)
+        cfg.validate()
+        _check_resume_fixed(saved, cfg, json_path)
+        shapes = _model_shapes(meta["model"], json_path)
+        for prefix in ("model/", "ema/"):
+            _check_fit(shapes, header, prefix, f"checkpoint {json_path!r} ({prefix[:-1]})")
+        step = meta.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise CheckpointError(f"checkpoint config {json_path!r}: 'step' must be an integer >= 0, got {step!r}")
+        if cfg.steps < step:
+            raise ValueError(f"steps: the run in {cfg.out!r} is already at step {step}; expected steps >= {step}")
+        if cfg.steps == step:  # nothing to do, and no file is touched
+            return {"steps": step, "loss": meta.get("loss"), "elapsed_s": meta.get("elapsed_s", 0.0),
+                    "checkpoint": json_path, "rank": rank, "world_size": world, "already_finished": True}
+        tensors = _read_tensors(json_path, meta, weights_file, verify=True)
+    else:
+        _fill_bookkeeping(cfg, None)
+        cfg.validate()
+        found = _run_files(cfg.out)
+        if found and not fresh:
+            raise ValueError(
+                f"out: {cfg.out!r} already holds a training run ({', '.join(found)}); pass --resume "
+                "(resume=True) to continue it, or --fresh (fresh=True) to start a new run there after moving the old "
+                "one into <out>/previous-<time>/, or choose another --out"
+            )
+        if found and rank == 0:
+            moved = found  # moved only once the data and the model are ready: a bad --data moves nothing
+    device = _pick_device(cfg.device, local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _pick_device(cfg.device, local_rank)
     if cfg.batch % world:
         raise ValueError(f"batch: the global batch {cfg.batch} must be divisible by the number of processes {world}")
     local_batch = cfg.batch // world
@@ -435,15 +768,35 @@ def train(
             torch.cuda.set_device(device)
 
     try:
-        return _train_loop(cfg, meta, tensors, rank, world, device, local_batch, json_path, callback)
+        summary = _train_loop(cfg, meta, tensors, rank, world, device, local_batch, json_path, callback, moved)
     finally:
         if own_group:  # a group the caller created is the caller's to destroy
             import torch.distributed as dist
 
             dist.destroy_process_group()
+    return summary
 
 
-def _train_loop(cfg, meta, tensors, rank, world, device, local_batch, json_path, callback):
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop the metrics lines after ``step`` (written after the checkpoint a resume starts from,
+    and about to be written again), so a resumed run's metrics.jsonl has each step once."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut by a kill mid-write
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            keep.append(line if line.endswith(b"\n") else line + b"\n")
+    if len(keep) != len(lines):
+        atomic_write_bytes(path, b"".join(keep))
+
+
+def _train_loop(cfg, meta, tensors, rank, world, device, local_batch, json_path, callback, move_aside=None):
     from torch.utils.data import DistributedSampler
 
     data, data_info = load_dataset(cfg.data, image_size=cfg.image_size)
@@ -455,6 +808,19 @@ def _train_loop(cfg, meta, tensors, rank, world, device, local_batch, json_path,
     schedule = NoiseSchedule.linear(cfg.T, cfg.beta_start, cfg.beta_end)
     alphas = schedule.alphas_cumprod.to(torch.float32)
 
+    if meta is not None:
+        # Compare configs before allocating anything: the checkpoint's file is untrusted input.
+        with torch.device("meta"):
+            probe = model_from_train_config(cfg, channels, h)
+        if meta["model"] != probe.config:
+            raise CheckpointError(f"resume: the model config in {json_path!r} does not match the data ({channels}x{h}x{w})")
+        keys = ("source", "path", "num_images", "channels", "image_size")
+        saved_data = {k: v for k, v in (meta.get("data") or {}).items() if k in keys}
+        if saved_data != {k: v for k, v in data_info.items() if k in keys}:
+            raise ValueError(
+                f"data: {cfg.data!r} is not the data set the run in {cfg.out!r} was trained on "
+                f"(it recorded {saved_data}, this is {({k: v for k, v in data_info.items() if k in keys})})"
+            )
     torch.manual_seed(cfg.seed)  # the initial weights
     model = model_from_train_config(cfg, channels, h).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -462,9 +828,9 @@ def _train_loop(cfg, meta, tensors, rank, world, device, local_batch, json_path,
     step = 0
     elapsed = 0.0
     running = None
+    prev_weights = None
     if meta is not None:
-        if meta["model"] != model.config:
-            raise CheckpointError(f"resume: the model config in {json_path!r} does not match the data ({channels}x{h}x{w})")
+        prev_weights = meta["weights"]
         _load_weights(model, _sub(tensors, "model/"), f"checkpoint {json_path!r} (model)")
         _load_weights(ema, _sub(tensors, "ema/"), f"checkpoint {json_path!r} (ema)")
         try:
@@ -484,18 +850,12 @@ def _train_loop(cfg, meta, tensors, rank, world, device, local_batch, json_path,
     epoch, order = -1, None
 
     def save(final: bool = False) -> None:
+        nonlocal prev_weights
         if rank != 0:
             return
         opt_tensors, opt_info = _flatten_optimizer(opt)
         out_tensors = {**{f"model/{k}": v for k, v in model.state_dict().items()}, **{f"ema/{k}": v for k, v in ema.state_dict().items()}, **opt_tensors}
         weights_name = f"checkpoint-{step:08d}.safetensors"
-        old = None
-        if os.path.isfile(json_path):
-            try:
-                with open(json_path) as f:
-                    old = json.load(f).get("weights")
-            except (OSError, ValueError):
-                old = None
         write_checkpoint(
             json_path,
             out_tensors,
@@ -517,11 +877,15 @@ def _train_loop(cfg, meta, tensors, rank, world, device, local_batch, json_path,
                 },
                 "world_size": world,
                 "final": final,
+                # The unfinished metrics interval, so that a resumed run logs the same mean losses.
+                "log_interval": {"loss_sum": interval_loss, "steps": interval_n},
             },
             weights_name=weights_name,
         )
-        # Only now that checkpoint.json names the new weights may the previous file go.
-        if old and old != weights_name:
+        # Only now that checkpoint.json names the new weights may the previous file go, and only
+        # a file this code names (checkpoint-<step>.safetensors): never one a JSON pointed at.
+        old, prev_weights = prev_weights, weights_name
+        if old and old != weights_name and _WEIGHTS_FILE.fullmatch(old):
             try:
                 os.unlink(os.path.join(os.path.dirname(json_path), old))
             except FileNotFoundError:
@@ -533,7 +897,10 @@ def _train_loop(cfg, meta, tensors, rank, world, device, local_batch, json_path,
         x = preview_samples(ema, schedule, (cfg.num_samples, channels, h, w), steps=cfg.sample_steps, seed=0)
         save_grid(x, os.path.join(cfg.out, "samples", f"step_{step:08d}.png"))
 
+    previous_run = None
     if rank == 0:
+        if move_aside:
+            previous_run = _move_aside(cfg.out, move_aside)
         os.makedirs(cfg.out, exist_ok=True)
     bar = None
     if rank == 0 and cfg.progress and step < cfg.steps:
@@ -542,7 +909,12 @@ def _train_loop(cfg, meta, tensors, rank, world, device, local_batch, json_path,
         tty = sys.stderr.isatty()
         bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True, mininterval=0.5 if tty else 30.0)
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    interval_loss, interval_n, t_interval = 0.0, 0, time.perf_counter()
+    if rank == 0 and meta is not None:
+        _truncate_metrics(metrics_path, step)
+    interval_loss, interval_n, t_interval, timed_n = 0.0, 0, time.perf_counter(), 0
+    if meta is not None and isinstance(meta.get("log_interval"), dict):
+        interval_loss = float(meta["log_interval"].get("loss_sum", 0.0))
+        interval_n = int(meta["log_interval"].get("steps", 0))
     C, B = channels, cfg.batch
     model.train()
     while step < cfg.steps:
@@ -595,6 +967,7 @@ def _train_loop(cfg, meta, tensors, rank, world, device, local_batch, json_path,
         elapsed += time.perf_counter() - t_step
         interval_loss += loss_value
         interval_n += 1
+        timed_n += 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}", refresh=False)
@@ -605,7 +978,7 @@ def _train_loop(cfg, meta, tensors, rank, world, device, local_batch, json_path,
                 "loss": interval_loss / interval_n,
                 "running_loss": running,
                 "lr": _lr_at(cfg, step - 1),
-                "s_per_step": (now - t_interval) / interval_n,
+                "s_per_step": (now - t_interval) / timed_n,  # the steps timed in this process
                 "elapsed_s": round(elapsed, 1),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
@@ -613,7 +986,7 @@ def _train_loop(cfg, meta, tensors, rank, world, device, local_batch, json_path,
                 f.write(json.dumps(rec) + "\n")
             if bar is not None and not sys.stderr.isatty():
                 bar.write(json.dumps(rec))
-            interval_loss, interval_n, t_interval = 0.0, 0, now
+            interval_loss, interval_n, t_interval, timed_n = 0.0, 0, now, 0
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save(final=step == cfg.steps)
         if step % cfg.sample_every == 0 or step == cfg.steps:
@@ -622,4 +995,8 @@ def _train_loop(cfg, meta, tensors, rank, world, device, local_batch, json_path,
             callback(step, loss_value)
     if bar is not None:
         bar.close()
-    return {"steps": step, "loss": running, "elapsed_s": elapsed, "checkpoint": json_path, "rank": rank, "world_size": world}
+    summary = {"steps": step, "loss": running, "elapsed_s": elapsed, "checkpoint": json_path, "rank": rank,
+               "world_size": world, "already_finished": False}
+    if previous_run is not None:
+        summary["previous_run"] = previous_run
+    return summary

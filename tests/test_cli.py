@@ -1,5 +1,7 @@
-"""The `ddim-fast` command: sample (embedded model and training checkpoints), train, export."""
+"""The `ddim-fast` command: sample (embedded model, training checkpoints, sharded --npz under
+torchrun), tune, train, export, eval, figure; bad input exits 2 with one message, no traceback."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -93,9 +95,18 @@ def test_sample_with_a_multistep_solver(run_dir, tmp_path, capsys):
         expected = to_uint8(sampler.sample(shape=(3, 1, 8, 8), seed=5).clamp(-1, 1))
         np.testing.assert_array_equal(np.load(npz)["arr_0"], expected)
     assert main([*common, "--solver", "dpmpp_2m", "--eta", "1", "--out", str(tmp_path / "g.png")]) == 2
-    assert "eta: the multistep solver" in capsys.readouterr().err
+    assert "eta: the solver 'dpmpp_2m' is deterministic" in _error(capsys)
     with pytest.raises(SystemExit):
         main([*common, "--solver", "euler", "--out", str(tmp_path / "g.png")])
+
+
+def test_solver_choices_are_the_librarys():
+    from ddim_fast.solvers import SOLVERS
+
+    assert {"ddim", "dpmpp_2m", "dpmpp_3m"} <= set(SOLVERS)
+    for solver in SOLVERS:
+        assert build_parser().parse_args(["sample", "--solver", solver]).solver == solver
+        assert build_parser().parse_args(["tune", "--steps", "4", "--out", "s.json", "--solver", solver]).solver == solver
 
 
 def test_export_then_sample(run_dir, tmp_path, capsys):
@@ -105,19 +116,96 @@ def test_export_then_sample(run_dir, tmp_path, capsys):
     assert main(["sample", "--ckpt", str(dst), "--steps", "4", "--n", "2", "--out", str(tmp_path / "g.png")]) == 0
 
 
+def _error(capsys, command="sample"):
+    """The error line a failed command ends with (after any progress log lines): no traceback."""
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1] if err else ""
+    assert last.startswith(f"ddim-fast {command}: error: ") and "Traceback" not in err, err
+    return last
+
+
 def test_errors_are_clear(run_dir, tmp_path, capsys):
-    assert main(["sample", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "g.png")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--eta expects"):
-        main(["sample", "--ckpt", str(run_dir), "--eta", "big", "--out", str(tmp_path / "g.png")])
-    with pytest.raises(SystemExit, match="--out must name a .png"):
-        main(["sample", "--ckpt", str(run_dir), "--out", str(tmp_path / "g.jpg")])
-    with pytest.raises(SystemExit, match="--lr cannot change on --resume"):
-        main(["train", "--out", str(run_dir), "--resume", "--lr", "1"])
-    with pytest.raises(SystemExit):
-        main(["frobnicate"])
-    with pytest.raises(SystemExit):
-        main(["train", "--out", str(tmp_path), "--ch-mult", "1,x"])
+    png = str(tmp_path / "g.png")
+    assert main(["sample", "--ckpt", str(tmp_path / "nope"), "--out", png]) == 2
+    assert "does not exist" in _error(capsys)
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--ckpt", str(run_dir), "--eta", "big", "--out", png])
+    assert e.value.code == 2 and 'argument --eta: expected a float >= 0 or "ddpm_large"' in capsys.readouterr().err
+    assert main(["sample", "--ckpt", str(run_dir), "--out", str(tmp_path / "g.jpg")]) == 2
+    assert "--out must name a .png file" in _error(capsys)
+    assert main(["train", "--out", str(run_dir), "--resume", "--lr", "1"]) == 2
+    assert "lr" in _error(capsys, "train")
+    for argv in (["frobnicate"], ["train", "--out", str(tmp_path), "--ch-mult", "1,x"], ["sample", "--n", "0"],
+                 ["sample", "--threads", "-1"], ["sample", "--scale", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2, argv
+        assert "error: argument" in capsys.readouterr().err or argv == ["frobnicate"]
+
+
+def test_device_errors_are_messages(run_dir, tmp_path, capsys):
+    png = str(tmp_path / "g.png")
+    for command in (["sample", "--ckpt", str(run_dir), "--out", png], ["figure", "sequence", "--out", png],
+                    ["eval", "timing", "--out-dir", str(tmp_path)], ["tune", "--steps", "3", "--out", str(tmp_path / "s.json")]):
+        assert main([*command, "--device", "xyz"]) == 2
+        assert "--device: expected cpu, cuda or cuda:N, got 'xyz'" in _error(capsys, command[0])
+    if not torch.cuda.is_available():
+        assert main(["sample", "--ckpt", str(run_dir), "--out", png, "--device", "cuda"]) == 2
+        assert "no cuda device is available on this machine" in _error(capsys)
+        assert main([*TRAIN, "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
+        assert "--device cuda" in _error(capsys, "train")
+    assert not os.path.exists(png)
+
+
+def test_output_errors_name_the_path_the_user_gave(run_dir, tmp_path, capsys):
+    common = ["sample", "--ckpt", str(run_dir), "--steps", "2", "--n", "2"]
+    folder = tmp_path / "a.png"
+    folder.mkdir()
+    assert main([*common, "--out", str(folder)]) == 2
+    assert f"--out: {str(folder)!r} is a folder" in _error(capsys)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for option in ("--out", "--npz"):
+        path = str(blocker / "x.png")
+        argv = [*common, "--out", path] if option == "--out" else [*common, "--out", str(tmp_path / "g.png"), "--npz", path]
+        assert main(argv) == 2
+        err = _error(capsys)
+        assert f"{option}: cannot write {path!r}" in err and ".tmp" not in err
+    assert main(["eval", "table2", "--out-dir", str(blocker / "d")]) == 2
+    assert "--out-dir: cannot write" in _error(capsys, "eval")
+
+
+def test_write_failures_name_the_path_not_a_temp_file(run_dir, tmp_path, capsys, monkeypatch):
+    """An OSError while writing (a full disk, a read-only mount) names --out, not the temp file."""
+    from ddim_fast import data
+
+    def full_disk(path, blob):
+        raise OSError(28, "No space left on device", os.path.join(os.path.dirname(path), ".x.tmp-1"))
+
+    monkeypatch.setattr(data, "atomic_write_bytes", full_disk)
+    out = str(tmp_path / "g.png")
+    assert main(["sample", "--ckpt", str(run_dir), "--steps", "2", "--n", "2", "--out", out]) == 2
+    err = _error(capsys)
+    assert f"--out: cannot write {out!r}: No space left on device" in err and ".tmp" not in err
+
+
+def test_a_grid_too_large_is_refused_before_sampling(run_dir, tmp_path, capsys):
+    common = ["sample", "--ckpt", str(run_dir), "--steps", "2", "--out", str(tmp_path / "g.png")]
+    assert main([*common, "--scale", "100000"]) == 2
+    assert "--scale/--nrow: a grid of 64 images" in _error(capsys) and not (tmp_path / "g.png").exists()
+    assert main([*common, "--n", "2", "--nrow", "100000000"]) == 2
+    assert "over the limit" in _error(capsys)
+    assert main([*common, "--n", "2", "--scale", "100"]) == 0  # 8 px at 100x: 1.6 M pixels
+
+
+def test_a_checkpoint_schedule_without_betas_is_a_message(run_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    meta = json.loads((bad / "checkpoint.json").read_text())
+    meta["schedule"] = {"kind": "betas"}
+    (bad / "checkpoint.json").write_text(json.dumps(meta))
+    assert main(["sample", "--ckpt", str(bad), "--out", str(tmp_path / "g.png")]) == 2
+    assert "betas" in _error(capsys)
 
 
 def test_train_resume_through_the_cli(run_dir):
@@ -129,5 +217,133 @@ def test_train_resume_through_the_cli(run_dir):
 
 def test_help_lists_the_subcommands():
     text = build_parser().format_help()
-    for cmd in ("sample", "train", "export"):
+    for cmd in ("sample", "tune", "train", "export", "eval", "figure"):
         assert cmd in text
+
+
+def test_one_step_and_single_timestep_trajectories(run_dir, tmp_path, capsys):
+    """S = 1 (defect 1): the one step lands on alpha = 1 and returns the x0-prediction."""
+    common = ["sample", "--ckpt", str(run_dir), "--n", "2", "--out", str(tmp_path / "g.png")]
+    assert main([*common, "--steps", "1"]) == 0
+    assert "1 steps" in capsys.readouterr().out
+    assert main([*common, "--skip", "500", "--npz", str(tmp_path / "one.npz")]) == 0
+    assert np.load(tmp_path / "one.npz")["arr_0"].shape == (2, 8, 8, 1)
+
+
+def test_npz_is_sharded_and_never_replaces_another_file(run_dir, tmp_path, capsys):
+    npz, png = tmp_path / "x.npz", tmp_path / "grid.png"
+    common = ["sample", "--ckpt", str(run_dir), "--n", "5", "--steps", "3", "--shard-size", "2", "--nrow", "5", "--scale", "1",
+              "--out", str(png), "--threads", "1"]
+    assert main([*common, "--npz", str(npz)]) == 0
+    assert "3 shard(s) computed here, 0 reused" in capsys.readouterr().out
+    with np.load(npz) as f:
+        assert f["arr_0"].shape == (5, 8, 8, 1) and "meta" in f.files
+    assert Image.open(png).size == (5 * 9 + 1, 9 + 1)
+    assert sorted(os.listdir(tmp_path)) == ["grid.png", "x.npz"]
+    done = npz.read_bytes()
+    assert main([*common, "--npz", str(npz)]) == 0  # the same run: reused as it is
+    assert npz.read_bytes() == done
+    assert main([*common, "--npz", str(npz), "--seed", "1"]) == 2  # another run's output
+    assert f"npz: {str(npz)!r} already exists" in _error(capsys) and npz.read_bytes() == done
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert main([*common, "--npz", str(notes)]) == 2
+    err = _error(capsys)
+    assert str(notes) in err and "--force" in err and notes.read_text() == "mine"
+    assert main([*common, "--npz", str(notes), "--force"]) == 0
+    assert notes.read_bytes() == done
+
+
+def test_torchrun_two_processes_equal_one_process_byte_for_byte(run_dir, tmp_path):
+    args = ["sample", "--ckpt", str(run_dir), "--num-samples", "10", "--steps", "5", "--eta", "1", "--batch-size", "2",
+            "--shard-size", "3"]
+    one = tmp_path / "one.npz"
+    assert main([*args, "--npz", str(one), "--out", str(tmp_path / "one.png")]) == 0
+    two = tmp_path / "two.npz"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ddim_fast.cli",
+         *args, "--npz", str(two), "--out", str(tmp_path / "two.png")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 1/2" in proc.stderr and "rank 0/2" in proc.stderr
+    with np.load(one) as a, np.load(two) as b:
+        assert a["arr_0"].shape == (10, 8, 8, 1)
+        assert a["arr_0"].tobytes() == b["arr_0"].tobytes()
+    assert Image.open(tmp_path / "two.png").size == Image.open(tmp_path / "one.png").size
+
+
+@pytest.fixture
+def compile_flags(monkeypatch):
+    """FusedSampler as the CLI builds it, recording its ``compile`` argument."""
+    import ddim_fast
+
+    flags, real = [], ddim_fast.FusedSampler
+
+    class Recording(real):
+        def __init__(self, *args, compile=False, **kw):
+            flags.append(compile)
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(ddim_fast, "FusedSampler", Recording)
+    return flags
+
+
+def test_compile_reaches_the_sampler(run_dir, tmp_path, compile_flags):
+    common = ["sample", "--ckpt", str(run_dir), "--steps", "2", "--n", "2", "--out", str(tmp_path / "g.png")]
+    assert main([*common, "--compile"]) == 0
+    assert main([*common, "--compile", "--npz", str(tmp_path / "x.npz")]) == 0
+    assert compile_flags == [True, True]
+    assert main([*common]) == 0
+    assert main(["eval", "timing", "--ckpt", str(run_dir), "--steps", "2", "--n", "1", "--out-dir", str(tmp_path / "t"),
+                 "--compile"]) == 0
+    assert compile_flags == [True, True, False, True]
+
+
+def test_tune_then_sample_with_the_tuned_timesteps(run_dir, tmp_path, capsys, monkeypatch):
+    """`tune` runs tune_timesteps on the checkpoint's model (replaced here by a stub: the search
+    itself is tested in test_tune.py), saves the file, refuses to overwrite it; `sample --skip
+    FILE.json` samples with exactly those timesteps, and only for the solver they were tuned for."""
+    from ddim_fast import FusedSampler, tune
+    from ddim_fast.data import to_uint8
+    from ddim_fast.train import load_model
+
+    seen = {}
+
+    def stub(model, steps, shape, schedule=None, solver="ipndm", seed=0, model_kwargs=None, **options):
+        seen.update(steps=steps, shape=shape, solver=solver, seed=seed, T=schedule.T)
+        options["info"]["method"] = "stub"
+        return torch.tensor([0, 150, 400, 777])
+
+    monkeypatch.setattr(tune, "tune_timesteps", stub)
+    out = tmp_path / "steps.json"
+    argv = ["tune", "--ckpt", str(run_dir), "--steps", "4", "--solver", "dpmpp_2m", "--batch", "5", "--seed", "3", "--out", str(out)]
+    assert main(argv) == 0
+    assert "0,150,400,777" in capsys.readouterr().out
+    assert seen == {"steps": 4, "shape": (5, 1, 8, 8), "solver": "dpmpp_2m", "seed": 3, "T": 1000}
+    record = json.loads(out.read_text())
+    assert record["timesteps"] == [0, 150, 400, 777] and record["info"]["method"] == "stub" and record["info"]["batch"] == 5
+    assert main(argv) == 2
+    assert "already exists; pass --force" in _error(capsys, "tune")
+    assert main([*argv, "--force"]) == 0
+
+    npz = tmp_path / "x.npz"
+    common = ["sample", "--ckpt", str(run_dir), "--n", "2", "--seed", "1", "--precision", "fp32", "--out", str(tmp_path / "g.png")]
+    assert main([*common, "--solver", "dpmpp_2m", "--steps", "4", "--skip", str(out), "--npz", str(npz)]) == 0
+    model, schedule = load_model(str(run_dir))
+    sampler = FusedSampler(model, schedule=schedule, skip=[0, 150, 400, 777], solver="dpmpp_2m", precision="fp32")
+    np.testing.assert_array_equal(np.load(npz)["arr_0"], to_uint8(sampler.sample(shape=(2, 1, 8, 8), seed=1).clamp(-1, 1)))
+    assert main([*common, "--solver", "ddim", "--skip", str(out)]) == 2
+    assert "solver" in _error(capsys)
+    assert main(["tune", "--steps", "4", "--out", str(tmp_path / "steps.txt")]) == 2
+    assert "--out must name a .json file" in _error(capsys, "tune")
+
+
+def test_named_timestep_selections_reach_the_sampler(run_dir, tmp_path, capsys):
+    for skip in ("karras", "logsnr", "trailing"):
+        assert main(["sample", "--ckpt", str(run_dir), "--steps", "5", "--n", "1", "--skip", skip, "--solver", "dpmpp_2m",
+                     "--out", str(tmp_path / "g.png")]) == 0
+        assert "5 steps" in capsys.readouterr().out
+    assert main(["sample", "--ckpt", str(run_dir), "--steps", "5", "--n", "1", "--skip", "sideways", "--out",
+                 str(tmp_path / "g.png")]) == 2
+    assert "skip" in _error(capsys)

@@ -1,34 +1,30 @@
-"""The C++ CPU kernel (csrc/ddim_step.cpp, ``torch.ops.ddim_fast_C``) against the PyTorch reference.
+"""The C++ CPU kernel (csrc/, ``torch.ops.ddim_fast_C``) against the float64 reference.
 
-The kernel folds each coefficient row, in float64, into x_prev = A x + B m (+ sigma z) (and
-x0 = (a0 x + b0 m) r0 where x0 is needed), so its results are not bitwise the reference's: every step is held to the FlashAttention rule (error
-against the float64 oracle at most 2x PyTorch's own error in the same dtype). The noise is held
-to 1e-6 of ``reference.gaussian`` (both round float32 log/sin/cos; torch's are off by an ulp in
-~5% of cases), and its own AVX-512 and portable code paths, and any thread count, to the bit.
+Every row kind of ``tests/_utils.STEP_KINDS`` (DDIM at several eta, encoding, DPM-Solver++
+2M/3M with their ring, a random table that uses every column) is held to one rule: the error
+against ``reference.fused_step(..., compute_dtype=float64)`` at most 2x PyTorch's own float32
+error (``assert_step_close``). The kernel folds each row in float64 and multiplies by
+reciprocals, so its bits are not the reference's. The noise is held to 1e-6 of
+``reference.gaussian`` (both round float32 log/sin/cos, to within an ulp), and to the bit
+across thread counts. Each test calls ``torch.ops.ddim_fast_C`` directly, or checks that
+``backend="cpp"`` resolved to it, so a fallback can never turn it into reference-vs-reference.
 
 The extension is built (or found) once per session; set DDIM_FAST_BUILD_EXT=0 to skip this file.
 """
 
-import importlib.util
 import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
-from _utils import assert_close, good_step_args as _good_args, run_step as _run, step_inputs as _inputs
-from _utils import step_seed as _seed, step_table32 as _table
-from ddim_fast import _ext, ops, reference
-from ddim_fast.schedule import NoiseSchedule, inverse_step_table, select_timesteps
+from _utils import OP_ARGS, STEP_KINDS, assert_close, assert_step_close, copy_step_args, make_step_args
+from _utils import reference_result, run_op, solver_table, step_outputs, step_seed
+from ddim_fast import _ext, layout, ops, reference
 
-SHAPES = [(3, 5, 33), (1, 1), (1,), (7, 1), (2, 3, 16, 16)]
+SHAPES = [(3, 5, 33), (1, 1), (1,), (7, 1), (2, 1500), (2, 3, 16, 16)]  # 2 x 1500: a sample across tiles
 PREDICTIONS = ["epsilon", "v", "x0"]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-EPS32 = torch.finfo(torch.float32).eps
+MODEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 @pytest.fixture(scope="module")
@@ -37,272 +33,8 @@ def C():
     if os.environ.get("DDIM_FAST_BUILD_EXT", "1") == "0":
         pytest.skip("DDIM_FAST_BUILD_EXT=0: the C++ extension is disabled")
     _ext.load()  # a build failure is a test failure here, not a skip
+    assert ops.resolve_backend("cpp", "cpu") == "cpp"
     return torch.ops.ddim_fast_C
-
-
-
-
-
-
-
-
-
-
-def _worst(actual, expected):
-    """(max abs error, message naming the worst element)."""
-    err = (actual.double() - expected.double()).abs()
-    i = int(torch.argmax(err))
-    idx = tuple(int(v) for v in np.unravel_index(i, tuple(err.shape)))
-    a, e = actual.reshape(-1)[i].item(), expected.reshape(-1)[i].item()
-    return err.max().item(), f"worst at {idx}: {a:.8g} vs {e:.8g}"
-
-
-def _assert_within_pytorch_error(kernel, inputs, what):
-    """Error vs the float64 oracle at most 2x PyTorch's own (reference.fused_step in the model
-    output's dtype), plus two float32 ulps of the output's scale for the float32 result itself."""
-    dtype = inputs["m"].dtype
-    args = (inputs["x"], inputs["m"], inputs["coef"], inputs["step"], inputs["seed"], inputs["prediction"])
-    rest = (inputs["clip"], inputs["stochastic"], inputs.get("noise"))
-    oracle = _run(reference.fused_step, *args, *rest, dtype=torch.float64, compute_dtype=torch.float64)
-    torch_own = _run(reference.fused_step, *args, *rest, compute_dtype=dtype)
-    for name, k, o, p in zip(("x_prev", "x0"), kernel, oracle, torch_own):
-        err_k, where = _worst(k, o)
-        err_pt, _ = _worst(p, o)
-        bound = 2 * err_pt + 2 * EPS32 * o.abs().max().item()
-        assert err_k <= bound, f"{what} {name}: kernel error {err_k:.3e} > 2 x PyTorch {dtype} error {err_pt:.3e}; {where}"
-
-
-# --------------------------------------------------------------------------------------------
-# the step
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("stochastic", [False, True], ids=["sigma0", "sigma"])
-@pytest.mark.parametrize("clip", [0.0, 1.0], ids=["noclip", "clip"])
-@pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_step_matches_reference(C, shape, prediction, clip, stochastic, dtype):
-    coef = _table(eta=1.0)
-    x, m = _inputs(shape, dtype)
-    seed = _seed(987654321987, offset=2)
-    for step in (0, 4, coef.shape[0] - 1):  # noisiest row (sqrt(a_t) = 0.07), a middle one, the last (a_prev = 1)
-        got = _run(C.step, x, m, coef, step, seed, prediction, clip, stochastic)
-        ref = _run(reference.fused_step, x, m, coef, step, seed, prediction, clip, stochastic)
-        what = f"step {step}"
-        # The kernel sums terms as large as the unclipped x0 (|x| / sqrt(a_t) on the noisiest row).
-        x0_free = _run(reference.fused_step, x, m, coef, step, seed, prediction, 0.0, False)[1]
-        atol = 8 * EPS32 * max(x0_free.abs().max().item(), x.abs().max().item(), m.float().abs().max().item())
-        assert_close(got[0], ref[0], atol=atol + 1e-6, what=f"{what} x_prev")  # + 1e-6 sigma for z
-        assert_close(got[1], ref[1], atol=atol, what=f"{what} x0")
-        inputs = dict(x=x, m=m, coef=coef, step=step, seed=seed, prediction=prediction, clip=clip, stochastic=stochastic)
-        _assert_within_pytorch_error(got, inputs, what)
-
-
-def test_odd_sizes_every_tail(C):
-    """Every length 1..70 (tails of the vector loops, groups of 4 cut by the sample end) and a
-    batch larger than one 1024-element tile per sample."""
-    coef = _table()
-    for D in list(range(1, 71)) + [1023, 1025, 3 * 32 * 32]:
-        x, m = _inputs((3, D), seed=D)
-        got = _run(C.step, x, m, coef, 2, _seed(5, 1), "v", 0.0, True)
-        ref = _run(reference.fused_step, x, m, coef, 2, _seed(5, 1), "v", 0.0, True)
-        assert_close(got[0], ref[0], atol=4e-6, what=f"D={D} x_prev")
-        assert_close(got[1], ref[1], atol=8 * EPS32 * ref[1].abs().max().item(), what=f"D={D} x0")
-
-
-@pytest.mark.parametrize("prediction", ["epsilon", "v"])
-def test_inverse_step_matches_reference(C, prediction):
-    """Encoding: the same op with schedule.inverse_step_table (x0 models are undefined on its
-    first row, where sqrt(1 - alpha_cur) = 0, in the reference too)."""
-    tau = select_timesteps(1000, 10, "uniform")
-    coef = inverse_step_table(NoiseSchedule.linear(1000), tau).to(torch.float32)
-    x, m = _inputs((3, 5, 33))
-    for step in range(coef.shape[0]):
-        got = _run(C.step, x, m, coef, step, _seed(), prediction, 0.0, False)
-        ref = _run(reference.fused_step, x, m, coef, step, _seed(), prediction, 0.0, False)
-        inputs = dict(x=x, m=m, coef=coef, step=step, seed=_seed(), prediction=prediction, clip=0.0, stochastic=False)
-        _assert_within_pytorch_error(got, inputs, f"inverse step {step}")
-        assert_close(got[0], ref[0], atol=1e-6, rtol=4 * EPS32, what=f"inverse step {step} x_next")
-
-
-@pytest.mark.parametrize("noise_dtype", DTYPES, ids=str)
-def test_explicit_noise(C, noise_dtype):
-    coef = _table()
-    x, m = _inputs((3, 5, 33))
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(noise_dtype)
-    got = _run(C.step, x, m, coef, 2, _seed(), "epsilon", 0.0, True, noise=noise)
-    ref = _run(reference.fused_step, x, m, coef, 2, _seed(), "epsilon", 0.0, True, noise=noise)
-    assert_close(got[0], ref[0], atol=1e-6, rtol=4 * EPS32, what=f"x_prev with explicit {noise_dtype} noise")
-    # noise is ignored when the step is deterministic
-    det = _run(C.step, x, m, coef, 2, _seed(), "epsilon", 0.0, False, noise=noise)
-    assert torch.equal(det[0], _run(C.step, x, m, coef, 2, _seed(), "epsilon", 0.0, False)[0])
-
-
-@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_x(C, x_dtype):
-    coef = _table()
-    x, m = _inputs((2, 3, 16, 16), torch.float16)
-    x = x.to(x_dtype)
-    got = _run(C.step, x, m, coef, 3, _seed(), "v", 0.0, True)
-    ref = _run(reference.fused_step, x, m, coef, 3, _seed(), "v", 0.0, True)
-    assert_close(got[0], ref[0], atol=4e-6, rtol=4 * EPS32, what=f"{x_dtype} x")
-
-
-@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_outputs(C, out_dtype):
-    """out / x0_out in fp16/bf16: the float32 result rounded to nearest even (as Tensor.copy_)."""
-    coef = _table()
-    x, m = _inputs((3, 5, 33), torch.bfloat16)
-    got = _run(C.step, x, m, coef, 4, _seed(), "epsilon", 1.0, True, dtype=out_dtype)
-    ref32 = _run(C.step, x, m, coef, 4, _seed(), "epsilon", 1.0, True)
-    for name, g, r in zip(("x_prev", "x0"), got, ref32):
-        assert torch.equal(g, r.to(out_dtype)), f"{name}: not the rounded float32 result: {_worst(g, r.to(out_dtype))[1]}"
-
-
-def test_noncontiguous_inputs_and_outputs(C):
-    coef = _table()
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 33, 3, generator=g).permute(0, 2, 1)  # (5, 3, 33), not contiguous
-    m = torch.randn(5, 3, 66, generator=g)[..., ::2]  # strided
-    noise = torch.randn(3, 33, 5, generator=g).permute(2, 0, 1)
-    out = torch.zeros(5, 3, 33, 2)[..., 0]  # the kernel writes a temporary, then copies into it
-    x0_out = torch.zeros(3, 33, 5).permute(2, 0, 1)
-    for z in (None, noise):
-        C.step(x, m, coef, 1, _seed(), 1, 1.5, True, z, out, x0_out)
-        ref = _run(reference.fused_step, x.contiguous(), m.contiguous(), coef, 1, _seed(), "v", 1.5, True, noise=z)
-        assert_close(out, ref[0], atol=4e-6, rtol=4 * EPS32, what="non-contiguous x_prev")
-        assert_close(x0_out, ref[1], atol=8 * EPS32 * ref[1].abs().max().item(), what="non-contiguous x0")
-    wide = torch.zeros(coef.shape[0], 10)  # a table with strides (10, 2)
-    wide[:, ::2] = coef
-    out2 = torch.empty(5, 3, 33)
-    C.step(x, m, wide[:, ::2], 1, _seed(), 1, 1.5, False, None, out2, None)
-    ref = _run(reference.fused_step, x, m, coef, 1, _seed(), "v", 1.5, False)
-    assert_close(out2, ref[0], atol=4e-6, rtol=4 * EPS32, what="strided table")
-
-
-def test_out_may_alias_x_or_model_out(C):
-    coef = _table()
-    x, m = _inputs((3, 5, 33))
-    ref = _run(C.step, x, m, coef, 4, _seed(), "epsilon", 0.0, True)
-    x_inplace = x.clone()
-    C.step(x_inplace, m, coef, 4, _seed(), 0, 0.0, True, None, x_inplace, None)
-    assert torch.equal(x_inplace, ref[0]), "in-place x_prev (out is x)"
-    m_inplace, x0 = m.clone(), torch.empty_like(x)
-    C.step(x, m_inplace, coef, 4, _seed(), 0, 0.0, True, None, x0, m_inplace)
-    assert torch.equal(m_inplace, ref[1]), "in-place x0 (x0_out is model_out)"
-    buf = torch.randn(x.numel() + 1)  # out one element behind x: the kernel would read what it wrote
-    with pytest.raises(RuntimeError, match="single memory location"):
-        C.step(buf[1:].view(x.shape), m, coef, 4, _seed(), 0, 0.0, True, None, buf[:-1].view(x.shape), None)
-
-
-def test_empty_batch_is_a_no_op(C):
-    x = torch.empty(0, 3, 4)
-    C.step(x, x, _table(), 0, _seed(), 0, 0.0, True, None, torch.empty(0, 3, 4), None)
-
-
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (dict(model_out=torch.zeros(2, 3, 5)), "model_out must have the shape of x"),
-        (dict(out=torch.zeros(2, 3, 4, dtype=torch.float64)), "out must be float32, bfloat16 or float16"),
-        (dict(x0_out=torch.zeros(2, 12)), "x0_out must have the shape of x"),
-        (dict(noise=torch.zeros(3, 3, 4)), "noise must have the shape of x"),
-        (dict(model_out=torch.zeros(2, 3, 4, dtype=torch.int32)), "model_out must be float32"),
-        (dict(x=torch.zeros(2, 3, 4, dtype=torch.float64)), "x must be float32"),
-        (dict(coef=torch.zeros(10, 4)), r"coef must have shape \(S, 5\)"),
-        (dict(coef=torch.zeros(10, 5, dtype=torch.float64)), "coef must be float32"),
-        (dict(step=10), "step 10 out of range for coef with 10 rows"),
-        (dict(step=-1), "step -1 out of range"),
-        (dict(prediction=3), r"prediction must be 0 \(epsilon\), 1 \(v\) or 2 \(x0\), got 3"),
-        (dict(seed=torch.tensor([1, 2], dtype=torch.int32)), "seed must be an int64 tensor"),
-        (dict(seed=torch.tensor([1], dtype=torch.int64)), "seed must be an int64 tensor"),
-        (dict(seed=torch.tensor([-1, 0])), r"seed must be in \[0, 2\*\*63\)"),
-        (dict(x=torch.tensor(1.0)), "x must have a batch dimension"),
-    ],
-)
-def test_invalid_arguments_raise_clearly(C, change, message):
-    args = {**_good_args(), **change}
-    with pytest.raises(RuntimeError, match=message):
-        C.step(*args.values())
-
-
-def test_schema_and_fake_kernel(C):
-    """The op's schema (mutated out / x0_out) and its Meta kernel pass torch.library.opcheck."""
-    x, m = _inputs((2, 3, 4))
-    args = (x, m, _table(), 1, _seed(), 0, 0.0, True, None, torch.empty(2, 3, 4), torch.empty(2, 3, 4))
-    torch.library.opcheck(C.step.default, args, test_utils=("test_schema", "test_faketensor"))
-
-
-# --------------------------------------------------------------------------------------------
-# the noise
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "seed, shape, step, stream, offset",
-    [
-        (0, (1, 1), 0, 0, 0),
-        (1234, (3, 5, 33), 7, 1, 5),
-        (2**40 + 17, (2, 3, 16, 16), 999, 1, 0),  # the key's high word in use
-        (2**63 - 1, (4, 7), 2**32 - 1, 0, 2**32 - 2),  # largest seed, step; sample index wraps at 2^32
-        (20210101, (64, 3, 32, 32), 3, 1, 0),
-    ],
-)
-def test_noise_matches_reference(C, seed, shape, step, stream, offset):
-    z = C.gaussian(_seed(seed, offset), list(shape), step, stream)
-    z_ref = reference.gaussian(seed, shape, step=step, stream=stream, sample_offset=offset)
-    assert_close(z, z_ref, atol=1e-6, what=f"z(seed={seed}, step={step}, stream={stream}, offset={offset})")
-
-
-def test_noise_within_1e6_on_4m_draws(C):
-    """2^22 draws: the worst of them is still within 1e-6 of the reference (7.2e-7 measured)."""
-    z = C.gaussian(_seed(77, 0), [1024, 4096], 11, 1)
-    assert_close(z, reference.gaussian(77, (1024, 4096), step=11), atol=1e-6, what="z over 2^22 draws")
-
-
-@pytest.mark.parametrize("shape", [(3, 5, 33), (2, 1000), (5, 1), (64, 3, 32, 32)], ids=str)
-def test_avx512_and_portable_generators_agree_bitwise(C, shape):
-    """The hand-vectorized generator (AVX-512 CPUs) and the plain C++ one give the same bits
-    (the same IEEE operations, FMAs included, in the same order)."""
-    fast = C.gaussian(_seed(2**40 + 3, 9), list(shape), 5, 1)
-    portable = C.gaussian(_seed(2**40 + 3, 9), list(shape), 5, 1, portable=True)
-    assert torch.equal(fast, portable), f"AVX-512 vs portable noise: {_worst(fast, portable)[1]}"
-
-
-def test_in_kernel_noise_matches_reference(C):
-    """Pure noise through the step: a row (1, 0, 1, 0, sigma = 1) makes x_prev = x0 + z = x + z."""
-    coef = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0]])
-    x = torch.zeros(3, 5, 33)
-    got, _ = _run(C.step, x, x, coef, 0, _seed(55, 9), "epsilon", 0.0, True, x0=False)
-    z_ref = reference.gaussian(55, x.shape, step=0, stream=reference.STREAM_STEP, sample_offset=9)
-    assert_close(got, z_ref, atol=1e-6, what="in-kernel z")
-    assert torch.equal(got, C.gaussian(_seed(55, 9), [3, 5, 33], 0, 1)), "the step's z is not the gaussian op's"
-
-
-def test_sample_is_independent_of_batch(C):
-    """Sample i is the same drawn in a batch of 7, alone (offset i), or in a batch of 2 at offset 5."""
-    coef = _table()
-    x7, m7 = _inputs((7, 3, 5, 11))
-    batch, _ = _run(C.step, x7, m7, coef, 3, _seed(77, 0), "epsilon", 0.0, True, x0=False)
-    for i in range(7):
-        alone, _ = _run(C.step, x7[i : i + 1], m7[i : i + 1], coef, 3, _seed(77, i), "epsilon", 0.0, True, x0=False)
-        assert torch.equal(alone[0], batch[i]), f"sample {i} alone differs: {_worst(alone[0], batch[i])[1]}"
-    at5, _ = _run(C.step, x7[5:], m7[5:], coef, 3, _seed(77, 5), "epsilon", 0.0, True, x0=False)
-    assert torch.equal(at5, batch[5:]), f"samples 5, 6 at offset 5 differ: {_worst(at5, batch[5:])[1]}"
-
-
-def test_seed_is_read_at_each_call(C):
-    coef = _table()
-    x, m = _inputs((2, 3, 16))
-    seed = _seed(1, 0)
-    first, _ = _run(C.step, x, m, coef, 0, seed, "epsilon", 0.0, True, x0=False)
-    seed.copy_(torch.tensor([2, 0]))
-    second, _ = _run(C.step, x, m, coef, 0, seed, "epsilon", 0.0, True, x0=False)
-    assert not torch.equal(first, second)
-    assert torch.equal(second, _run(C.step, x, m, coef, 0, _seed(2, 0), "epsilon", 0.0, True, x0=False)[0])
 
 
 @pytest.fixture
@@ -312,72 +44,359 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("noise", ["philox", "explicit", "none"])
-def test_thread_count_does_not_change_a_bit(C, restore_threads, noise):
-    """1 and 2 threads (and 3, oversubscribed): bit-identical steps and noise, whatever the split."""
-    coef = _table()
-    x, m = _inputs((64, 3, 32, 32), torch.bfloat16)
-    z = torch.randn(x.shape) if noise == "explicit" else None
+def _same(a, b):
+    """Bitwise equality of two step results (NaN equals NaN)."""
+    for u, v in zip(a, b):
+        if u is None or v is None:
+            assert u is None and v is None
+        elif u.dtype == torch.float32:
+            assert torch.equal(u.view(torch.int32), v.view(torch.int32))
+        else:
+            assert torch.equal(u, v)
+
+
+# --------------------------------------------------------------------------------------------
+# one step against the float64 reference
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0], ids=["noclip", "clip"])
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("kind", STEP_KINDS)
+def test_every_row_kind(C, kind, prediction, clip):
+    args = make_step_args(kind, (3, 5, 33), prediction=prediction, clip=clip)
+    assert_step_close(run_op(C.step, args), args, f"{kind} {prediction} clip={clip}")
+
+
+@pytest.mark.parametrize("dtype", MODEL_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["ddim", "ddim_eta1", "dpmpp_3m", "synthetic"])
+def test_model_output_dtypes(C, kind, dtype):
+    """fp16/bf16/fp64 model outputs are read as they are (issue 17 defect 8: fp64 used to raise)."""
+    args = make_step_args(kind, (3, 5, 33), prediction="v", dtype=dtype, clip=1.5)
+    assert_step_close(run_op(C.step, args), args, f"{kind} model_out {dtype}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["ddim", "ddim_eta1", "dpmpp_3m", "synthetic"])
+def test_odd_shapes(C, kind, shape):
+    args = make_step_args(kind, shape, prediction="epsilon", seed=2**40 + 5, offset=3)
+    assert_step_close(run_op(C.step, args), args, f"{kind} {shape}")
+
+
+@pytest.mark.parametrize("step", range(4))
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_every_column_with_eps_history(C, step, prediction):
+    """The random table: c_saved, the d_* update of the saved state, three eps-history terms, sigma."""
+    args = make_step_args("synthetic", (2, 3, 50), prediction=prediction, step=step)
+    assert args["history_kind"] == layout.HISTORY_KINDS["eps"] and args["saved"] is not None
+    got = run_op(C.step, args)
+    assert_step_close(got, args, f"synthetic row {step}")
+    assert not torch.equal(got[3], args["saved"]), "the saved state was not updated"
+
+
+@pytest.mark.parametrize("kind", ["ddim_eta0.5", "synthetic"])
+def test_explicit_noise(C, kind):
+    args = make_step_args(kind, (3, 5, 33), noise=True)
+    got = run_op(C.step, args)
+    assert_step_close(got, args, f"{kind} with explicit noise")
+    philox = run_op(C.step, {**args, "noise": None})
+    assert not torch.equal(got[0], philox[0]), "the explicit noise was not used"
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddim_eta1", "dpmpp_2m", "synthetic"])
+def test_out_may_be_x(C, kind):
+    args = make_step_args(kind, (3, 5, 1100), prediction="v", clip=2.0)
+    inplace = copy_step_args(args)
+    inplace["out"] = inplace["x"]
+    got = run_op(C.step, inplace)
+    assert_step_close(got, args, f"{kind} in place")
+
+
+def test_empty_batch_is_a_no_op(C):
+    args = make_step_args("synthetic", (0, 3))
+    got = run_op(C.step, args)
+    assert got[0].shape == (0, 3) and int(got[4].sum()) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# the ring and the flags
+# --------------------------------------------------------------------------------------------
+
+
+def test_nan_in_the_ring_does_not_leak_where_its_coefficient_is_zero(C):
+    """An all-NaN ring (a fresh torch.empty) on the first row of 3M, and a zeroed synthetic
+    coefficient, read nothing; a non-zero coefficient on a NaN slot does read it."""
+    args = make_step_args("dpmpp_3m", (2, 3, 33), step=0)
+    args["history"].fill_(float("nan"))
+    out, _, history, _, flags = run_op(C.step, args)
+    assert torch.isfinite(out).all() and torch.isfinite(history[0]).all() and int(flags.sum()) == 0
+    args = make_step_args("synthetic", (2, 3, 33), step=1)
+    args["table"][1, layout.C_H + 1] = 0.0  # c_h2: slot (1 - 2) mod 3 = 2
+    args["table"][1, layout.D_H + 1] = 0.0
+    args["history"][2] = float("nan")
+    got = run_op(C.step, args)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[3]).all()
+    assert_step_close(got, args, "synthetic, c_h2 = 0 on a NaN slot")
+    args["table"][1, layout.C_H + 1] = 0.5
+    assert torch.isnan(run_op(C.step, args)[0]).all()
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddim_eta1", "dpmpp_2m", "synthetic"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_flags_for_a_non_finite_model_output(C, kind, bad):
+    args = make_step_args(kind, (2, 3, 1500), dtype=torch.bfloat16)
+    step = args["step"]
+    args["model_out"][1, 2, 1400] = bad
+    flags = run_op(C.step, args)[4]
+    assert flags[step].tolist() == [1, 1], f"{kind}: flags {flags[step].tolist()}"
+    assert int(flags.sum()) == 2, "a flag of another step was written"
+
+
+@pytest.mark.parametrize("kind", ["ddim", "dpmpp_3m"])
+def test_flags_for_an_overflowing_state(C, kind):
+    """A finite model output and x = +-3e38: x_next = (c_x + c_x0 / sqrt(alpha_t)) x + ... overflows
+    float32 (the factor is 1.43 for DDIM, 1.86 for 3M at the middle row). The float32 reference
+    flags it too; the float64 one cannot (its x_next is finite)."""
+    args = make_step_args(kind, (2, 3, 1500), prediction="epsilon")
+    args["x"][0, 0, 5] = 3e38
+    args["x"][1, 2, 1400] = -3e38
+    out, _, _, _, flags = run_op(C.step, args)
+    assert torch.isinf(out[0, 0, 5]) and torch.isinf(out[1, 2, 1400])
+    assert flags[args["step"]].tolist() == [0, 1] and int(flags.sum()) == 1
+    assert flags.tolist() == reference_result(args, torch.float32)[4].tolist()
+
+
+@pytest.mark.parametrize("kind", ["ddim", "dpmpp_2m", "synthetic"])
+def test_flags_are_not_set_for_finite_values_and_never_cleared(C, kind):
+    args = make_step_args(kind, (2, 3, 33))
+    assert int(run_op(C.step, args)[4].sum()) == 0
+    args["flags"][:, layout.FLAG_MODEL] = 1  # a NaN seen at some earlier step stays seen
+    assert run_op(C.step, args)[4][:, layout.FLAG_MODEL].tolist() == [1] * args["table"].shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# whole trajectories
+# --------------------------------------------------------------------------------------------
+
+
+def _trajectory(step_fn, kind, x, model, st, ts, seed, compute=None):
+    """Runs every row of ``st`` on x (in place, as the sampler does) with ``step_fn``; returns
+    the final state and the x0-prediction of every step. compute: reference dtype (None = kernel)."""
+    S = st.steps
+    table = st.table.to(torch.float32)
+    dtype = compute or torch.float32
+    x = x.to(dtype).clone()
+    ring = torch.full((st.history_slots, *x.shape), float("nan"), dtype=dtype) if st.history_slots else None
+    saved = torch.zeros_like(x) if st.uses_saved else None
+    flags = torch.zeros((S, 2), dtype=torch.int32)
+    x0s = []
+    for k in range(S):
+        m = model(x.to(torch.float32), torch.full((x.shape[0],), int(ts[k]), dtype=torch.int64))
+        x0 = torch.empty_like(x)
+        args = (x, m, table, k, step_seed(seed), 0, 0.0, st.history_kind, ring, saved, None, x, x0, flags)
+        if compute is None:
+            step_fn(*args)
+        else:
+            step_fn(*args, compute_dtype=compute)
+        x0s.append(x0)
+    assert int(flags.sum()) == 0, f"{kind}: flags {flags.tolist()}"
+    return x, torch.stack(x0s)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddim_eta0.5", "ddim_eta1", "ddpm_large", "encode", "dpmpp_2m", "dpmpp_3m"])
+def test_whole_trajectory_against_the_reference(C, kind):
+    """S = 10 rows on the closed-form model of a Gaussian mixture: the C++ trajectory's error
+    against the float64 reference trajectory is at most 2x that of the float32 reference."""
+    from ddim_fast import solvers
+    from ddim_fast.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule.linear(1000)
+    st = solver_table(kind, 10)
+    encode = kind == "encode"
+    spacing = "logsnr" if kind.startswith("dpmpp") else "uniform"
+    tau = solvers.timesteps(schedule, 10, spacing)
+    ts = tau if encode else tau[::-1]
+    g = torch.Generator().manual_seed(3)
+    means = torch.randn(3, 48, generator=g, dtype=torch.float64)
+    model = reference.GaussianMixtureEps(schedule.alphas_cumprod, means, 0.3)
+    x = model.sample_data(4, generator=g).float() if encode else torch.randn(4, 48, generator=g)
+    got = _trajectory(C.step, kind, x, model, st, ts, 11)
+    oracle = _trajectory(reference.fused_step, kind, x, model, st, ts, 11, torch.float64)
+    own = _trajectory(reference.fused_step, kind, x, model, st, ts, 11, torch.float32)
+    for name, a, e, t in zip(("x_final", "x0 predictions"), got, oracle, own):
+        torch_err = (t.double() - e).abs().max().item()
+        floor = torch.finfo(torch.float32).eps * e.abs().max().item()
+        assert_close(a, e, atol=2 * max(torch_err, floor), what=f"{kind} trajectory {name}")
+
+
+# --------------------------------------------------------------------------------------------
+# threads, the op wrapper, compile
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ddim_eta1", "dpmpp_3m", "synthetic"])
+def test_one_and_two_threads_give_the_same_bits(C, restore_threads, kind):
+    args = make_step_args(kind, (16, 3, 32, 32), dtype=torch.bfloat16, prediction="x0", clip=1.0)
     results = []
-    for threads in (1, 2, 3):
+    for threads in (1, 2, 3):  # 3: oversubscribed on 2 cores
         torch.set_num_threads(threads)
-        out = _run(C.step, x, m, coef, 3, _seed(99, 4), "x0", 1.0, noise != "none", noise=z)
-        results.append((threads, out, C.gaussian(_seed(99, 4), [33, 1000], 3, 1)))
-    for threads, out, g in results[1:]:
-        for name, a, b in zip(("x_prev", "x0", "gaussian"), (*out, g), (*results[0][1], results[0][2])):
-            assert torch.equal(a, b), f"{threads} threads vs 1, {name}: {_worst(a, b)[1]}"
+        results.append(run_op(C.step, args) + (C.gaussian(step_seed(99, 4), [33, 1000], 3, 1),))
+    for got in results[1:]:
+        _same(got, results[0])
 
 
-def test_noise_matches_triton_interpreter(C, tmp_path):
-    """The same numbers as the Triton kernel (kernels/ddim_step.py) under TRITON_INTERPRET=1,
-    drawn in a subprocess so that this process's Triton stays uninterpreted."""
-    # find_spec, not import: importing the kernels here, uninterpreted, would stop
-    # tests/test_triton_kernel.py from interpreting them later in this process.
-    if importlib.util.find_spec("ddim_fast.kernels.ddim_step") is None or importlib.util.find_spec("triton") is None:
-        pytest.skip("no Triton kernel (ddim_fast.kernels.ddim_step) to compare with")
-    cases = [(1234, (3, 5, 33), 7, 1, 5), (2**40 + 17, (2, 3, 16, 16), 999, 0, 0), (5, (2, 3000), 0, 1, 2**32 - 1)]
-    path = tmp_path / "triton_z.pt"
-    script = textwrap.dedent(
-        f"""
-        import os, torch
-        os.environ["TRITON_INTERPRET"] = "1"
-        from ddim_fast.kernels import ddim_step as K
-        out = [K.triton_gaussian(s, shape, step=k, stream=st, sample_offset=o, device="cpu") for s, shape, k, st, o in {cases!r}]
-        torch.save(out, {str(path)!r})
-        """
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for (seed, shape, step, stream, offset), z_triton in zip(cases, torch.load(path)):
-        z = C.gaussian(_seed(seed, offset), list(shape), step, stream)
-        assert_close(z, z_triton, atol=1e-6, what=f"C++ vs Triton z(seed={seed}, step={step}, stream={stream})")
+def test_cpp_backend_of_the_op_runs_the_cpp_kernel(C, monkeypatch):
+    calls = []
+    monkeypatch.setitem(ops._IMPLS, "cpp", lambda *a: (calls.append(1), ops._cpp_ops().step(*a)))
+    args = make_step_args("dpmpp_2m", (2, 3, 33), dtype=torch.float64)
+    got = run_op(lambda *a: ops.step(*a, "cpp"), args)
+    assert calls == [1]
+    _same(got, run_op(C.step, args))
+    assert_step_close(got, args, "ops.step backend='cpp'")
+    direct = run_op(lambda *a: ops.run_step(*a, "cpp"), args)
+    assert calls == [1, 1]
+    _same(direct, got)
+
+
+def test_opcheck(C):
+    args = make_step_args("synthetic", (2, 3, 5), noise=False)
+    torch.library.opcheck(torch.ops.ddim_fast.step.default, tuple(args[k] for k in OP_ARGS) + ("cpp",))
+    torch.library.opcheck(C.step.default, tuple(args[k] for k in OP_ARGS), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_under_torch_compile_fullgraph(C):
+    args = make_step_args("dpmpp_3m", (2, 3, 33), prediction="v")
+
+    def f(x, m, table, seed, history, out, x0_out, flags):
+        torch.ops.ddim_fast.step(x, m, table, args["step"], seed, 1, 0.0, 0, history, None, None, out, x0_out, flags, "cpp")
+        return out
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # (inductor: a C++ build per test, ~30 s here)
+
+    def run(fn):
+        a = copy_step_args(args)
+        fn(a["x"], a["model_out"], a["table"], a["seed"], a["history"], a["out"], a["x0_out"], a["flags"])
+        return step_outputs(a)
+
+    _same(run(compiled), run(f))
+    _same(run(f), run_op(C.step, args))
+
+
+def test_unavailable_extension_gives_one_warning_and_the_reference(no_extension):
+    args = make_step_args("dpmpp_2m", (2, 3, 33))
+    with pytest.warns(RuntimeWarning) as record:
+        backend = ops.resolve_backend("auto", "cpu")
+        assert ops.resolve_backend("auto", "cpu") == "torch"
+    assert backend == "torch"
+    assert [str(w.message) for w in record if "ddim_fast" in str(w.message)] == [str(record[0].message)]
+    assert "C++ backend is unavailable" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        got = run_op(lambda *a: ops.step(*a, backend), args)
+    _same(got, reference_result(args, torch.float32))
+    with pytest.warns(RuntimeWarning, match='backend="cpp" is unavailable'):
+        assert ops.resolve_backend("cpp", "cpu") == "torch"  # asked by name: says so once more
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(x=torch.zeros(2, 3, 33, dtype=torch.float16)), "x must be a contiguous float32"),
+        (dict(model_out=torch.zeros(2, 3, 32)), "model_out must be"),
+        (dict(out=torch.zeros(2, 33, 3).transpose(1, 2)), "out must be"),
+        (dict(table=torch.zeros(10, layout.NUM_COLUMNS - 1)), "table must be"),
+        (dict(step=10), "step must be a row"),
+        (dict(history=torch.zeros(2, 2, 3, 32)), "history must be"),
+        (dict(flags=torch.zeros(10, 2, dtype=torch.int64)), "flags must be"),
+        (dict(seed=torch.zeros(3, dtype=torch.int64)), "seed must be"),
+        (dict(prediction=3), "prediction must be"),
+    ],
+)
+def test_memory_is_protected_in_cpp(C, change, message):
+    """The kernel's own checks (ops.check_step_args is the validation): a RuntimeError naming the argument."""
+    args = {**make_step_args("dpmpp_2m", (2, 3, 33)), **change}
+    args["table"][:, layout.SIGMA] = 1.0  # the seed is read
+    with pytest.raises(RuntimeError, match=f"ddim_fast_C::step: {message}"):
+        C.step(*(args[k] for k in OP_ARGS))
 
 
 # --------------------------------------------------------------------------------------------
-# loading and the fallback
+# the noise (48-bit sample index: issue 17 defect 4)
 # --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "seed, shape, step, stream, offset",
+    [
+        (0, (1, 1), 0, 0, 0),
+        (1234, (3, 5, 33), 7, 1, 5),
+        (2**40 + 17, (2, 3, 16, 16), 999, 1, 0),  # the key's high word in use
+        (2**63 - 1, (4, 7), 2**32 - 1, 0, 2**32 - 2),  # the largest seed and step; samples 2**32 - 2 .. 2**32 + 1
+        (5, (3, 4099), 2, 1, 2**40 - 1),  # samples across 2**40
+        (9, (2, 3), 1, 1, 2**48 - 2),  # the last two sample indices
+    ],
+)
+def test_noise_matches_the_reference(C, seed, shape, step, stream, offset):
+    z = C.gaussian(step_seed(seed, offset), list(shape), step, stream)
+    z_ref = reference.gaussian(seed, shape, step=step, stream=stream, sample_offset=offset)
+    assert_close(z, z_ref, atol=1e-6, what=f"z(seed={seed}, step={step}, stream={stream}, offset={offset})")
+
+
+def test_sample_two_to_the_32_is_not_sample_0(C):
+    z0 = C.gaussian(step_seed(3, 0), [1, 64], 0, 1)
+    z32 = C.gaussian(step_seed(3, 2**32), [1, 64], 0, 1)
+    assert not torch.isclose(z0, z32).any()
+    assert_close(z32, reference.gaussian(3, (1, 64), step=0, stream=1, sample_offset=2**32), atol=1e-6)
+
+
+def test_noise_within_1e6_on_a_million_draws(C):
+    z = C.gaussian(step_seed(77, 0), [256, 4096], 11, 1)
+    assert_close(z, reference.gaussian(77, (256, 4096), step=11), atol=1e-6, what="z over 2^20 draws")
+    assert abs(z.mean().item()) < 5e-3 and abs(z.std().item() - 1) < 5e-3
+
+
+def test_in_kernel_noise_is_the_gaussian_op(C):
+    """A row with only sigma = 1 (and c_x0 = 1 on a zero x0) gives x_next = z."""
+    table = torch.zeros(3, layout.NUM_COLUMNS)
+    table[:, layout.SQRT_ALPHA] = 1.0
+    table[:, layout.SIGMA] = 1.0
+    x = torch.zeros(3, 5, 33)
+    out = torch.empty_like(x)
+    C.step(x, x, table, 2, step_seed(55, 2**32 - 1), 0, 0.0, 0, None, None, None, out, None, None)
+    assert torch.equal(out, C.gaussian(step_seed(55, 2**32 - 1), [3, 5, 33], 2, layout.STREAM_STEP))
+
+
+def test_a_sample_does_not_depend_on_its_batch(C):
+    args = make_step_args("ddim_eta1", (7, 3, 5, 11), offset=2**32 - 3)
+    batch = run_op(C.step, args)[0]
+    for i in (0, 3, 6):
+        part = {k: (v[i : i + 1] if k in ("x", "model_out", "out", "x0_out") else v) for k, v in args.items()}
+        part["seed"] = step_seed(1234, 2**32 - 3 + i)
+        assert torch.equal(run_op(C.step, part)[0][0], batch[i]), f"sample {i} alone differs"
+
+
+def test_the_seed_is_read_at_each_call(C):
+    args = make_step_args("ddim_eta1", (2, 3, 16))
+    first = run_op(C.step, args)[0]
+    args["seed"].copy_(torch.tensor([2, 0]))
+    assert not torch.equal(first, run_op(C.step, args)[0])
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+
+
+def test_contract_version_and_availability(C):
+    assert C.contract_version() == layout.CONTRACT_VERSION
+    assert ops.cpp_available() and ops.resolve_backend("auto", "cpu") == "cpp"
 
 
 def test_sources_are_found():
     assert all(os.path.isfile(p) for p in _ext.source_files())
 
 
-def test_backend_auto_picks_cpp_on_cpu(C):
-    assert ops.resolve_backend("auto", "cpu") == "cpp"
-    assert ops.resolve_backend("cpp", "cpu") == "cpp"
-
-
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("DDIM_FAST_BUILD_EXT", "0")
     with pytest.raises(RuntimeError, match="DDIM_FAST_BUILD_EXT=0"):
         _ext.load()
-
-
-def test_unavailable_extension_falls_back_with_one_warning(no_extension):
-    with pytest.warns(RuntimeWarning, match="C\\+\\+ backend is unavailable") as record:
-        assert ops.resolve_backend("auto", "cpu") == "torch"
-        assert ops.resolve_backend("auto", "cpu") == "torch"
-    assert len([w for w in record if "C++ backend" in str(w.message)]) == 1, [str(w.message) for w in record]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no second warning
-        assert ops.resolve_backend("auto", "cpu") == "torch"

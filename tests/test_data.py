@@ -138,3 +138,46 @@ def test_grid_layout_and_atomic_save(tmp_path):
     assert os.listdir(tmp_path) == ["g.png"]  # no temporary file left behind
     with pytest.raises(ValueError, match="images: expected"):
         make_grid(torch.zeros(2, 2, 4, 4))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(nrow=2.5), r"nrow: expected an integer >= 1, got 2.5"),
+        (dict(nrow=0), r"nrow: expected an integer >= 1, got 0"),
+        (dict(scale=1.5), r"scale: expected an integer >= 1, got 1.5"),
+        (dict(scale="2"), r"scale: expected an integer >= 1, got '2'"),
+        (dict(pad=-1), r"pad: expected an integer >= 0"),
+        (dict(scale=100000), r"scale: a grid of 5 images of 16x16 at scale 100000, 3 per row, would have \d+ pixels; "
+                             r"expected at most 268435456"),
+    ],
+)
+def test_grid_arguments_are_checked_not_truncated(kw, match, monkeypatch):
+    x = torch.zeros(5, 1, 16, 16)
+    monkeypatch.setattr("ddim_fast.data.to_uint8", lambda *_: pytest.fail("converted before the arguments were checked"))
+    with pytest.raises(ValueError, match=match):
+        make_grid(x, **{"nrow": 3, **kw})
+
+
+@pytest.mark.parametrize("loader", ["digits", "folder", "npz"])
+def test_non_integer_image_size_is_refused(tmp_path, loader):
+    spec = {"digits": "digits", "folder": str(tmp_path), "npz": str(tmp_path / "x.npz")}[loader]
+    _png(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    np.savez(tmp_path / "x.npz", arr_0=np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"image_size: expected an integer >= \d+, got 8.5"):
+        load_dataset(spec, image_size=8.5)
+
+
+def test_atomic_write_errors_name_the_users_path(tmp_path):
+    from ddim_fast.data import atomic_write_bytes
+
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        atomic_write_bytes(str(tmp_path / "folder"), b"x")
+    assert e.value.filename == str(tmp_path / "folder") and "is a folder" in str(e.value)
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "file" / "g.png"  # a parent that is a file: no temporary can be made there
+    with pytest.raises(OSError) as e:
+        atomic_write_bytes(str(target), b"x")
+    assert e.value.filename == str(target) and ".tmp-" not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["file", "folder"] and (tmp_path / "file").read_text() == "x"

@@ -1,5 +1,7 @@
 """The DDPM UNet: shapes, input checks, config round trip."""
 
+import math
+
 import pytest
 import torch
 
@@ -112,3 +114,43 @@ def test_gradients_reach_every_parameter():
     model(torch.randn(2, 1, 8, 8), torch.tensor([5, 600])).square().mean().backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
     assert not dead, f"parameters without gradient: {dead}"
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(ch_mult=(1, 2.5)), r"ch_mult: expected 1 to 10 positive integers up to 64, got \(1, 2.5\)"),
+        (dict(ch_mult="12"), r"ch_mult: expected a sequence of positive integers"),
+        (dict(attn_resolutions=(4.0,)), r"attn_resolutions: expected 0 to 64 positive integers"),
+        (dict(ch=8.0), r"ch: expected a positive integer up to 2048, got 8.0"),
+        (dict(resolution=True), r"resolution: expected a positive integer"),
+        (dict(dropout="0.1"), r"dropout: expected a probability"),
+        (dict(ch=4096), r"ch: expected a positive integer up to 2048, got 4096"),
+        (dict(ch=1024, ch_mult=(1, 16)), r"ch, ch_mult: the widest level would have 16384 channels"),
+        (dict(num_res_blocks=1000), r"num_res_blocks: expected a positive integer up to 32"),
+        (dict(ch_mult=(1,) * 11, resolution=1024, attn_resolutions=()), r"ch_mult: expected 1 to 10"),
+    ],
+)
+def test_non_integers_and_oversized_configs_are_refused(kw, match):
+    """1.5 is not truncated to 1, and a config cannot ask for an unbounded model (see unet.LIMITS)."""
+    with pytest.raises(ValueError, match=match):
+        tiny(**kw)
+
+
+def test_numpy_integers_are_integers():
+    import numpy as np
+
+    model = tiny(ch=np.int64(8), ch_mult=np.array([1, 2]))
+    assert model.config["ch"] == 8 and type(model.config["ch"]) is int and model.config["ch_mult"] == [1, 2]
+
+
+def test_state_shapes_match_the_model_and_allocate_nothing():
+    cfg = tiny(ch_mult=(1, 2, 2), resolution=16, attn_resolutions=(8,)).config
+    real = {k: tuple(v.shape) for k, v in UNet.from_config(cfg).state_dict().items()}
+    assert UNet.state_shapes(cfg) == real
+    # A 3.9e9-parameter config (15 GB as float32) is described from the meta device alone.
+    big = {**cfg, "ch": 1024, "ch_mult": [1, 2, 4], "num_res_blocks": 4}
+    shapes = UNet.state_shapes(big)
+    assert sum(math.prod(s) for s in shapes.values()) > 1e9
+    with pytest.raises(ValueError, match="ch: expected a positive integer up to 2048"):
+        UNet.state_shapes({**cfg, "ch": 4096})

@@ -23,14 +23,31 @@ training timesteps in [0, T); returns the epsilon prediction, the shape of ``x``
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Sequence
+import numbers
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-__all__ = ["UNet", "timestep_embedding"]
+__all__ = ["UNet", "timestep_embedding", "LIMITS"]
+
+# Upper bounds of a UNet config, checked before any layer is built, so that a config read from a
+# file cannot ask for an unbounded model. They sit far above the DDPM paper's largest model
+# (LSUN 256 px: ch 128, ch_mult (1, 1, 2, 2, 4, 4), width 512, 114M parameters) and below
+# sizes no machine here can hold: one ResBlock at the width limit is ~1.2G parameters.
+LIMITS: Dict[str, int] = {
+    "in_channels": 1024,
+    "out_channels": 1024,
+    "resolution": 8192,
+    "ch": 2048,
+    "ch_mult": 64,  # each multiplier
+    "levels": 10,  # len(ch_mult)
+    "width": 8192,  # ch * max(ch_mult)
+    "num_res_blocks": 32,
+    "num_groups": 1024,
+}
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -118,23 +135,26 @@ class UNet(nn.Module):
         num_groups: int = 32,
     ):
         super().__init__()
-        _check_int("in_channels", in_channels)
-        _check_int("resolution", resolution)
-        _check_int("ch", ch)
-        _check_int("num_res_blocks", num_res_blocks)
-        _check_int("num_groups", num_groups)
         out_channels = in_channels if out_channels is None else out_channels
-        _check_int("out_channels", out_channels)
-        ch_mult = tuple(int(m) for m in ch_mult)
-        if not ch_mult or any(m < 1 for m in ch_mult):
-            raise ValueError(f"ch_mult: expected a non-empty sequence of positive integers, got {ch_mult!r}")
-        attn_resolutions = tuple(int(r) for r in attn_resolutions)
-        if not 0.0 <= float(dropout) < 1.0:
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("resolution", resolution),
+                            ("ch", ch), ("num_res_blocks", num_res_blocks), ("num_groups", num_groups)):
+            _check_int(name, value, LIMITS[name])
+        ch_mult = _int_tuple("ch_mult", ch_mult, LIMITS["ch_mult"], min_len=1, max_len=LIMITS["levels"])
+        attn_resolutions = _int_tuple("attn_resolutions", attn_resolutions, LIMITS["resolution"])
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         widths = [ch * m for m in (1,) + ch_mult]
+        if max(widths) > LIMITS["width"]:
+            raise ValueError(
+                f"ch, ch_mult: the widest level would have {max(widths)} channels (ch={ch}, ch_mult={ch_mult}); "
+                f"expected at most {LIMITS['width']}"
+            )
         for w in widths:
             if w % min(num_groups, w):
                 raise ValueError(f"num_groups: {num_groups} does not divide the channel width {w} (ch={ch}, ch_mult={ch_mult})")
+        in_channels, out_channels, resolution, ch, num_res_blocks, num_groups = (
+            int(v) for v in (in_channels, out_channels, resolution, ch, num_res_blocks, num_groups)
+        )
         factor = 2 ** (len(ch_mult) - 1)
         if resolution % factor:
             raise ValueError(f"resolution: {resolution} is not divisible by 2**(len(ch_mult)-1) = {factor}")
@@ -227,6 +247,14 @@ class UNet(nn.Module):
             raise ValueError(f"config: unknown UNet argument(s) {unknown}; expected a subset of {sorted(known)}")
         return cls(**config)
 
+    @classmethod
+    def state_shapes(cls, config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
+        """The state-dict shapes ``from_config(config)`` would have, without allocating its weights
+        (built on the meta device), so a checkpoint's tensors can be checked against its config first."""
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
     @staticmethod
     def _config_keys():
         return (
@@ -285,6 +313,25 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def _check_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+def _check_int(name: str, value, limit: int) -> None:
+    """A positive integer up to ``limit``; floats are refused, not truncated (1.5 is not 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= limit:
+        raise ValueError(f"{name}: expected a positive integer up to {limit}, got {value!r}")
+
+
+def _int_tuple(name: str, values, limit: int, min_len: int = 0, max_len: int = 64) -> Tuple[int, ...]:
+    try:
+        items = list(values) if not isinstance(values, (str, bytes, dict)) else None
+    except TypeError:
+        items = None
+    if items is None:
+        raise ValueError(f"{name}: expected a sequence of positive integers, got {values!r}")
+    values = items
+    ok = min_len <= len(values) <= max_len and all(
+        not isinstance(v, bool) and isinstance(v, numbers.Integral) and 1 <= v <= limit for v in values
+    )
+    if not ok:
+        raise ValueError(
+            f"{name}: expected {min_len} to {max_len} positive integers up to {limit}, got {tuple(values)!r}"
+        )
+    return tuple(int(v) for v in values)

@@ -1,0 +1,139 @@
+"""The user's model under ``torch.compile`` (inductor), compiled once and reused across calls.
+
+``maybe_compile(model, mode, device, expected_calls=...)`` returns the model itself or a
+``CompiledModel`` wrapper. The wrapper calls ``torch.compile(model)`` with inductor's own CUDA
+graphs switched off (no ``mode="reduce-overhead"``, ``triton.cudagraphs=False``): on CUDA the
+sampler captures the whole trajectory, compiled model included, in one graph of its own
+(``ddim_fast.graphs``), and a second graph layer inside it would capture nothing useful and
+own a memory pool of its own. The first call compiles (inductor compiles lazily, so that is
+where most failures show); any failure there or at wrap time is one warning and the eager
+model from then on.
+
+Inductor's cache on disk: every compiled graph is stored under ``TORCHINDUCTOR_CACHE_DIR``
+(default ``/tmp/torchinductor_$USER``; the FX graph cache and the AOTAutograd cache are on by
+default since torch 2.5), keyed on the graph, the input shapes and dtypes, the torch version
+and the inductor config. A second process with the same model and shapes then skips inductor's
+code generation and C++/Triton builds, and only re-traces with dynamo. Point the variable at a
+persistent directory (the default under /tmp may not survive a reboot or be shared between
+containers) to start a long sharded run fast. docs/results/compile.md has cold and warm times.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Optional, Union
+
+import torch
+
+__all__ = ["MODES", "CompiledModel", "maybe_compile", "compile_pays_off"]
+
+MODES = (False, True, "auto")
+
+# "auto" on a CPU: compile only when the trajectory calls the model at least this often. On
+# this project's 2-core EPYC (avx512_bf16), the bench UNet (diffusers UNet2DModel, 5.4M
+# parameters, 8x3x32x32) compiled in COLD_COMPILE_S seconds with a cold inductor cache and
+# then saved SAVED_MS_PER_CALL ms per call against eager (medians of paired rounds,
+# bench/measure_compile.py per-call), so compiling pays for itself after
+# COLD_COMPILE_S / SAVED_MS_PER_CALL * 1e3 calls (docs/results/compile.md).
+COLD_COMPILE_S = 50.0
+SAVED_MS_PER_CALL = 30.0
+CPU_BREAK_EVEN_CALLS = math.ceil(COLD_COMPILE_S / SAVED_MS_PER_CALL * 1e3)
+
+def compile_pays_off(device, expected_calls: Optional[int]) -> bool:
+    """The rule of ``mode="auto"``: has compiling been measured to pay off for this many calls?
+
+    CPU: at least ``CPU_BREAK_EVEN_CALLS`` model calls (one sampler call of S steps on n batches
+    makes S * n). CUDA: never yet, because no compile time or per-call saving has been measured
+    on a GPU (bench/gpu_check.py measures both; the rule follows its numbers).
+    """
+    if expected_calls is None:
+        return False
+    if isinstance(expected_calls, bool) or not isinstance(expected_calls, int) or expected_calls < 0:
+        raise ValueError(f"expected_calls: expected None or an int >= 0, got {expected_calls!r}")
+    if torch.device(device).type == "cpu":
+        return expected_calls >= CPU_BREAK_EVEN_CALLS
+    return False
+
+
+class CompiledModel:
+    """``torch.compile(model)`` made once; the eager model after the first failure (one warning).
+
+    Attribute reads other than the call go to the wrapped model, so code that inspects
+    ``model.dtype``, ``model.config`` or ``model.parameters()`` sees the user's model.
+    """
+
+    def __init__(self, model: Callable, device, *, dynamic: Optional[bool] = False, backend: str = "inductor"):
+        self.model = model
+        self.device = torch.device(device)
+        self.compiled: Optional[Callable] = None
+        self.failed: Optional[str] = None
+        self.calls = 0
+        try:
+            self.compiled = torch.compile(
+                model,
+                backend=backend,
+                # Our own CUDA graph captures the whole trajectory: inductor must not add its own.
+                options={"triton.cudagraphs": False} if backend == "inductor" else None,
+                dynamic=dynamic,
+            )
+        except Exception as exc:  # an unsupported platform, a missing compiler, an old torch
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        self.compiled = None  # so this wrapper warns once: every later call is eager
+        warnings.warn(f"ddim_fast: torch.compile of the model failed ({self.failed}); running it eagerly from now on",
+                      RuntimeWarning, stacklevel=3)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.compiled is None:
+            return self.model(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as exc:
+            # Inductor compiles lazily, so a failure surfaces at a call. If the eager model
+            # fails too, the inputs are at fault: raise the eager error and keep compiling.
+            out = self.model(*args, **kwargs)
+            self._fail(exc)
+            return out
+
+    def __getattr__(self, name):
+        if name in ("model", "device", "compiled", "failed", "calls"):
+            raise AttributeError(name)  # not yet set (during __init__): never recurse
+        return getattr(self.model, name)
+
+    def __repr__(self) -> str:
+        state = "eager after a failure" if self.failed else "compiled"
+        return f"CompiledModel({type(self.model).__name__}, {state}, device={self.device})"
+
+
+def maybe_compile(
+    model: Callable,
+    mode: Union[bool, str],
+    device,
+    *,
+    expected_calls: Optional[int] = None,
+    dynamic: Optional[bool] = False,
+) -> Callable:
+    """``model`` itself, or a ``CompiledModel`` of it, by ``mode`` (False | True | "auto").
+
+    ``device``: where the model runs (the "auto" rule and the warning name it);
+    ``expected_calls``: how many model calls the caller expects (S steps times the batches it
+    knows of; None when unknown: "auto" then does not compile); ``dynamic``: inductor's shape
+    policy, by default one static compile per batch shape (see SHAPES below).
+    """
+    if isinstance(mode, bool):
+        want = mode
+    elif mode == "auto":
+        want = compile_pays_off(device, expected_calls)
+    else:
+        raise ValueError(f"compile: expected False, True or 'auto', got {mode!r}")
+    if not callable(model):
+        raise ValueError(f"model: expected a callable model(x, t, **model_kwargs), got {type(model).__name__}")
+    if not want:
+        return model
+    if isinstance(model, CompiledModel):
+        return model
+    return CompiledModel(model, device, dynamic=dynamic)

@@ -1,0 +1,231 @@
+"""Timesteps tuned to a model (ddim_fast.tune): the GITS dynamic program, the search beating its
+starting spacing on a closed-form mixture and on the embedded digits model, determinism, errors,
+and the JSON file that records what the timesteps were tuned for."""
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import ddim_fast
+from ddim_fast import FusedSampler, NoiseSchedule, layout, reference, solvers, tune
+from ddim_fast.reference import GaussianMixtureEps
+
+FAST = dict(grid=40, teacher_steps=120, max_trials=30, progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    schedule = NoiseSchedule.linear(1000)
+    g = torch.Generator().manual_seed(3)
+    model = GaussianMixtureEps(schedule.alphas_cumprod, torch.randn(6, 4, generator=g, dtype=torch.float64), stds=0.1)
+    return model, schedule
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from ddim_fast.train import load_model
+
+    return load_model()
+
+
+def _error(model, schedule, solver, tau, x_T):
+    """RMS distance of the solver's x_0 along tau to the converged ODE solution (3M on all timesteps), same x_T."""
+
+    def run(st, tau):
+        x = x_T.clone()
+        R = st.history_slots
+        hist = torch.empty((R, *x.shape), dtype=torch.float64) if R else None
+        saved = torch.zeros_like(x) if st.uses_saved else None
+        with torch.inference_mode():
+            for k, t in enumerate(np.asarray(tau)[::-1].tolist()):
+                m = model(x.float(), torch.full((x.shape[0],), int(t))).double()
+                out = torch.empty_like(x)
+                reference.fused_step(x, m, st.table, k, torch.tensor([0, 0]), 0, 0.0, st.history_kind, hist, saved, None, out,
+                                     None, None, compute_dtype=torch.float64)  # fmt: skip
+                x = out
+        return x
+
+    full = np.arange(schedule.T)
+    converged = run(solvers.build("dpmpp_3m", schedule, full), full)
+    return float((run(solvers.build(solver, schedule, tau), tau) - converged).pow(2).mean().sqrt())
+
+
+def test_dynamic_program_finds_the_cheapest_path_of_exactly_s_jumps():
+    rng = np.random.default_rng(0)
+    G = 8
+    cost = np.where(np.triu(np.ones((G, G)), 1) > 0, rng.random((G, G)), np.inf)
+    for S in range(1, G):
+        best = min(
+            (sum(cost[a, b] for a, b in zip((0,) + mid, mid + (G - 1,))), (0,) + mid)
+            for mid in itertools.combinations(range(1, G - 1), S - 1)
+        )
+        path = tune._dp_path(cost, S)
+        assert path == list(best[1]), f"S={S}"
+
+
+@pytest.mark.parametrize("solver", ["ipndm", "unipc"])
+def test_tuned_timesteps_beat_the_starting_spacings_on_a_mixture(mixture, solver):
+    """Tuned on one batch (seed 0), judged on another x_T: closer to the converged ODE solution than
+    every named spacing the search may start from, and than the GITS path alone."""
+    model, schedule = mixture
+    info = {}
+    tau = tune.tune_timesteps(model, 5, (256, 4), schedule, solver, seed=0, info=info, **FAST)
+    assert tau.dtype == torch.int64 and len(tau) == 5 and (tau.diff() > 0).all() and 0 <= tau[0] and tau[-1] < 1000
+    assert info["error_after"] <= info["error_before"] == min(info["start_errors"].values())
+    x_T = torch.randn(512, 4, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    tuned = _error(model, schedule, solver, tau.numpy(), x_T)
+    for name in ("logsnr", "karras", "quad"):
+        start = _error(model, schedule, solver, solvers.timesteps(schedule, 5, name), x_T)
+        assert tuned < 0.9 * start, f"{solver}: tuned {tau.tolist()} error {tuned:.4f} vs {name} {start:.4f}"
+
+
+def test_tuning_is_deterministic_for_a_seed(mixture):
+    model, schedule = mixture
+    a = tune.tune_timesteps(model, 4, (64, 4), schedule, "ipndm", seed=5, **FAST)
+    b = tune.tune_timesteps(model, 4, (64, 4), schedule, "ipndm", seed=5, **FAST)
+    assert torch.equal(a, b)
+
+
+def test_tuned_timesteps_beat_the_start_on_the_digits_model(digits):
+    """The embedded UNet, a small budget (about 110 calls of batch 8): the tuned S = 4 schedule
+    is closer to the converged solution than the starting spacing on a held-out x_T, and twice the same."""
+    model, schedule = digits
+    kw = dict(grid=16, teacher_steps=40, max_trials=10, progress=False)
+    info = {}
+    tau = ddim_fast.tune_timesteps(model, 4, (8, 1, 8, 8), schedule, "ipndm", seed=0, info=info, **kw)
+    assert torch.equal(tau, ddim_fast.tune_timesteps(model, 4, (8, 1, 8, 8), schedule, "ipndm", seed=0, **kw))
+    x_T = reference.gaussian(123, (16, 1, 8, 8), stream=layout.STREAM_X_T).double()
+    start = info["start"]
+    start_tau = solvers.timesteps(schedule, 4, start) if start != "gits_dp" else None
+    full = solvers.logsnr_timesteps(schedule, 60)  # 3M at S = 60: ~100x closer to the ODE than any S = 4 result
+
+    def run(solver, t):
+        s = FusedSampler(model, schedule, steps=len(t), skip=t, solver=solver, precision="fp32", backend="torch", cuda_graph=False)
+        return s.sample(x_T.float()).double()
+
+    converged = run("dpmpp_3m", full)
+    err = lambda t: float((run("ipndm", t) - converged).pow(2).mean().sqrt())  # noqa: E731
+    baselines = {name: err(solvers.timesteps(schedule, 4, name)) for name in ("logsnr", "quad")}
+    if start_tau is not None:
+        baselines["start"] = err(start_tau)
+    tuned = err(tau.numpy())
+    assert tuned < min(baselines.values()), f"tuned {tau.tolist()}: {tuned:.4f} vs {baselines}"
+
+
+def test_tuned_timesteps_run_in_the_sampler(mixture):
+    model, schedule = mixture
+    tau = tune.tune_timesteps(model, 3, (32, 4), schedule, "unipc", seed=1, **FAST)
+    sampler = FusedSampler(model, schedule, steps=3, skip=tau, solver="unipc", backend="torch", precision="fp32")
+    assert sampler.timesteps.tolist() == tau.flip(0).tolist()
+    assert torch.isfinite(sampler.sample(shape=(4, 4), seed=0)).all()
+
+
+def test_progress_bar(mixture, capsys):
+    model, schedule = mixture
+    tune.tune_timesteps(model, 2, (16, 4), schedule, "ipndm", seed=0, **{**FAST, "progress": True})
+    assert "tune ipndm S=2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(steps=0), r"steps: expected an integer in \[1, 1000\]"),
+        (dict(steps=1001), r"steps: expected an integer in \[1, 1000\]"),
+        (dict(steps=2.5), "steps: expected an integer"),
+        (dict(solver="euler"), "solver: expected one of"),
+        (dict(solver="dpmpp_2m_sde"), "solver: 'dpmpp_2m_sde' is stochastic"),
+        (dict(shape=(4, 5)), r"shape: the model rejects input of shape \(4, 5\)"),
+        (dict(shape=(0, 4)), "shape: expected positive sizes"),
+        (dict(seed=-1), "seed: expected an integer"),
+        (dict(schedule="linear"), "schedule: expected a NoiseSchedule"),
+        (dict(prediction="score"), "prediction: expected one of"),
+    ],
+)
+def test_bad_arguments_raise_clearly(mixture, kwargs, message):
+    model, schedule = mixture
+    args = dict(model=model, steps=3, shape=(8, 4), schedule=schedule, solver="ipndm", seed=0, **FAST)
+    with pytest.raises(ValueError, match=message):
+        tune.tune_timesteps(**{**args, **kwargs})
+
+
+def test_a_model_that_rejects_the_shape_is_a_shape_error(digits):
+    model, schedule = digits
+    with pytest.raises(ValueError, match=r"shape: the model rejects input of shape \(2, 3, 8, 8\)"):
+        tune.tune_timesteps(model, 3, (2, 3, 8, 8), schedule, **FAST)
+
+
+# --------------------------------------------------------------------------------------------
+# the file
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_models():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    return a, b
+
+
+def test_save_and_load_round_trip(tmp_path, tiny_models):
+    model, _ = tiny_models
+    schedule = NoiseSchedule.linear(1000)
+    path = tmp_path / "steps.json"
+    info = {"method": "test", "seed": 0}
+    tune.save_tuned(path, torch.tensor([3, 80, 400, 999]), model=model, schedule=schedule, solver="ipndm", steps=4, info=info)
+    assert os.listdir(tmp_path) == ["steps.json"]  # no temporary file left behind
+    tau = tune.load_tuned(path, model=model, schedule=schedule, solver="ipndm")
+    assert tau.dtype == np.int64 and tau.tolist() == [3, 80, 400, 999]
+    assert tune.load_tuned(str(path)).tolist() == [3, 80, 400, 999]  # nothing to compare against: accepted
+    record = json.loads(path.read_text())
+    assert record["schedule"] == {"name": schedule.name, "T": 1000, "alphas_cumprod_sha256": tune.schedule_digest(schedule)}
+    assert record["info"] == info and record["solver"] == "ipndm" and record["steps"] == 4
+
+
+def test_load_refuses_another_model_schedule_or_solver(tmp_path, tiny_models):
+    model, other = tiny_models
+    schedule = NoiseSchedule.linear(1000)
+    path = tmp_path / "steps.json"
+    tune.save_tuned(path, [3, 80, 400, 999], model=model, schedule=schedule, solver="ipndm", steps=4, info={})
+    with pytest.raises(ValueError, match=r"steps.json: tuned for another setup: model fingerprint"):
+        tune.load_tuned(path, model=other)
+    with pytest.raises(ValueError, match=r"steps.json: tuned for another setup: schedule linear T=1000"):
+        tune.load_tuned(path, schedule=NoiseSchedule.cosine(1000))
+    with pytest.raises(ValueError, match=r"solver 'ipndm' in the file, 'unipc' given"):
+        tune.load_tuned(path, model=model, schedule=schedule, solver="unipc")
+
+
+def test_load_rejects_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(ValueError, match="nope.json: no such tuned-timesteps file"):
+        tune.load_tuned(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not a readable tuned-timesteps JSON file"):
+        tune.load_tuned(bad)
+    bad.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="bad.json: not a tuned-timesteps file"):
+        tune.load_tuned(bad)
+    bad.write_text(json.dumps({"format": tune.FORMAT, "timesteps": [5, 3], "steps": 2, "schedule": {"T": 1000}}))
+    with pytest.raises(ValueError, match="bad.json: corrupt tuned-timesteps file"):
+        tune.load_tuned(bad)
+
+
+def test_save_rejects_bad_timesteps(tmp_path, tiny_models):
+    model, _ = tiny_models
+    schedule = NoiseSchedule.linear(100)
+    for tau, steps in (([5, 3], 2), ([1, 2, 3], 2), ([1, 100], 2)):
+        with pytest.raises(ValueError, match="timesteps: expected"):
+            tune.save_tuned(tmp_path / "x.json", tau, model=model, schedule=schedule, solver="ipndm", steps=steps, info={})
+    with pytest.raises(ValueError, match="solver: expected one of"):
+        tune.save_tuned(tmp_path / "x.json", [1, 2], model=model, schedule=schedule, solver="heun", steps=2, info={})
