@@ -101,7 +101,7 @@ def per_call(args):
     base = small_unet()
     x = torch.randn(B, 3, 32, 32)
     t = torch.full((B,), 500)
-    out = {"mode": "per-call", "batch": B, "threads": torch.get_num_threads(), "load_start": os.getloadavg()}
+    out = {"mode": "per-call", "batch": B, "threads": torch.get_num_threads(), "skip_dynamic": args.skip_dynamic, "load_start": os.getloadavg()}
     fns, compile_s = {}, {}
     for precision in ("fp32", "autocast", "bf16w"):
         fns[f"eager_{precision}"] = _caller(copy.deepcopy(base), precision)
@@ -118,23 +118,24 @@ def per_call(args):
             call(x, t)
             compile_s[precision] = time.perf_counter() - t0
         fns[f"compiled_{precision}"] = call
-    # dynamic batch: one compile for every batch size, at what per-call price?
-    dyn = maybe_compile(copy.deepcopy(base), True, "cpu", dynamic=True)
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        dyn(x, t)
-        compile_s["fp32_dynamic"] = time.perf_counter() - t0
-    fns["compiled_fp32_dynamic"] = lambda x, t: dyn(x, t).sample
-    # a second batch size: a static compile recompiles, a dynamic one does not
-    x2, t2 = torch.randn(B // 2, 3, 32, 32), torch.full((B // 2,), 500)
-    with torch.inference_mode():
-        static = fns["compiled_fp32"]
-        t0 = time.perf_counter()
-        static(x2, t2)
-        compile_s["fp32_static_second_batch"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        dyn(x2, t2)
-        compile_s["fp32_dynamic_second_batch"] = time.perf_counter() - t0
+    if not args.skip_dynamic:
+        # dynamic batch: one compile for every batch size, at what per-call price?
+        dyn = maybe_compile(copy.deepcopy(base), True, "cpu", dynamic=True)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            dyn(x, t)
+            compile_s["fp32_dynamic"] = time.perf_counter() - t0
+        fns["compiled_fp32_dynamic"] = lambda x, t: dyn(x, t).sample
+        # a second batch size: a static compile recompiles, a dynamic one does not
+        x2, t2 = torch.randn(B // 2, 3, 32, 32), torch.full((B // 2,), 500)
+        with torch.inference_mode():
+            static = fns["compiled_fp32"]
+            t0 = time.perf_counter()
+            static(x2, t2)
+            compile_s["fp32_static_second_batch"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            dyn(x2, t2)
+            compile_s["fp32_dynamic_second_batch"] = time.perf_counter() - t0
     out["first_call_s"] = compile_s
     with torch.inference_mode():
         ref = fns["eager_fp32"](x, t)
@@ -161,6 +162,7 @@ def main():
     c = sub.add_parser("per-call")
     c.add_argument("--rounds", type=int, default=7)
     c.add_argument("--batch", type=int, default=8)
+    c.add_argument("--skip-dynamic", action="store_true", help="no dynamic-batch compile (it took 372 s here)")
     args = p.parse_args()
     first_call(args) if args.cmd == "first-call" else per_call(args)
 

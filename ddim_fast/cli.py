@@ -141,7 +141,9 @@ def _writing(path: str, option: str):
     try:
         yield
     except OSError as e:
-        raise ValueError(f"{option}: cannot write {path!r}: {e.strerror or e}") from None
+        # data.atomic_write_bytes already says "cannot write the file: <reason>": keep the reason.
+        reason = (e.strerror or str(e)).removeprefix("cannot write the file: ")
+        raise ValueError(f"{option}: cannot write {path!r}: {reason}") from None
 
 
 def _check_grid(n: int, h: int, w: int, nrow: Optional[int], scale: Optional[int]) -> None:

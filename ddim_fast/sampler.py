@@ -247,7 +247,7 @@ class FusedSampler:
             noise = noise.to(device=dev, dtype=torch.float32).contiguous()  # NaN in it: trajectory.check_finite
         backend = ops.resolve_backend(self.backend, dev)
         if x_in is None:
-            x_start = ops.gaussian(seed, shape, stream=layout.STREAM_X_T, sample_offset=batch_offset, device=dev, backend=backend)
+            x_start = ops.gaussian(int(seed), shape, stream=layout.STREAM_X_T, sample_offset=batch_offset, device=dev, backend=backend)
         else:
             x_start = x_in.detach().to(device=dev, dtype=torch.float32)  # NaN in it: trajectory.check_finite
         plan = self._plan(kind, table, shape, dev, seed, batch_offset, noise, kwargs, backend)

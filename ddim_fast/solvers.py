@@ -25,8 +25,18 @@ Solvers:
   (alpha = 1, lambda = +inf) is first order and returns the x0-prediction; below 15 steps the
   second-to-last step is at most second order.
 
-Use the multistep solvers with ``skip="logsnr"``: on DDIM's "uniform" tau the last log-SNR
-step is ~8x the one before it, and the extrapolation weight 1 / (2 r) grows with that ratio.
+- ``"ipndm"`` / ``"ipndm_v"``: iPNDM (Zhang & Chen 2023), Adams-Bashforth up to 4th order on
+  the eps history of the DDIM ODE (Eq. 14) with lower-order warm-up; fixed equal-step weights
+  (as DEIS and GITS use them) or variable-step weights from the actual sigmabar nodes.
+- ``"unipc"`` / ``"unipc_3"``: UniPC (Zhao et al. 2023) bh2 predictor-corrector in data
+  prediction, order 2 (diffusers' default) or 3; the corrected state lives in the op's ``saved``
+  operand. ``"dpmpp_2m_sde"``: DPM-Solver++(2M) SDE, the noise through the sigma column.
+
+Spacings: ``timesteps(schedule, S, skip)`` adds the schedule-aware "logsnr" and "karras" to
+``select_timesteps``' names; ``ddim_fast.tune_timesteps`` returns an explicit sequence. On
+DDIM's "uniform" tau the last log-SNR step is ~8x the one before it, and the multistep
+extrapolation weight 1 / (2 r) grows with that ratio: use "logsnr" or "quad" with them
+(docs/results/quality.md has the measured table).
 """
 
 from __future__ import annotations

@@ -722,6 +722,11 @@ def train(
         if not os.path.isfile(json_path):
             raise CheckpointError(f"resume: no checkpoint at {json_path!r}")
         json_path, meta, weights_file, header = _open_checkpoint(json_path)
+        if "optimizer" not in meta or not any(k.startswith("optim/") for k in header):
+            raise CheckpointError(
+                f"resume: {json_path!r} is a sampling checkpoint (contents {meta.get('contents')}); only a training "
+                "run's checkpoint (model, ema and optimizer state) can be resumed"
+            )
         saved = TrainConfig.from_json(meta.get("train"), where=json_path)
         _fill_bookkeeping(cfg, saved)
         cfg.validate()

@@ -198,6 +198,19 @@ def test_a_grid_too_large_is_refused_before_sampling(run_dir, tmp_path, capsys):
     assert main([*common, "--n", "2", "--scale", "100"]) == 0  # 8 px at 100x: 1.6 M pixels
 
 
+def test_library_errors_are_messages_with_status_2(run_dir, tmp_path, capsys, monkeypatch):
+    """A FloatingPointError (NaN in the trajectory) or ValueError raised inside the library."""
+    import ddim_fast
+
+    for error in (FloatingPointError("the model returned NaN at step 3"), ValueError("shape: expected 4 sizes")):
+        def fail(self, *args, error=error, **kw):
+            raise error
+
+        monkeypatch.setattr(ddim_fast.FusedSampler, "sample", fail)
+        assert main(["sample", "--ckpt", str(run_dir), "--steps", "2", "--n", "1", "--out", str(tmp_path / "g.png")]) == 2
+        assert _error(capsys) == f"ddim-fast sample: error: {error}"
+
+
 def test_a_checkpoint_schedule_without_betas_is_a_message(run_dir, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(run_dir, bad)

@@ -130,7 +130,7 @@ def test_tables_resume_from_their_cell_cache(gaussian_model, tmp_path):
 
 
 def test_solvers_table_multistep_beats_ddim_at_equal_steps(gaussian_model, tmp_path):
-    """Issue 8's table on the closed-form model: at S = 10 the multistep solvers (log-SNR steps)
+    """The solvers table on the closed-form model: at S = 10 the multistep solvers (log-SNR steps)
     are closer to the data than DDIM at S = 10, in both seeds; the Markdown states each verdict."""
     mu, cov = gaussian_model.data_moments()
     cells = (("dpmpp_3m", "logsnr", 10), ("dpmpp_2m", "logsnr", 10), ("ddim", "uniform", 10), ("ddim", "uniform", 50))

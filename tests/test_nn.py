@@ -148,7 +148,7 @@ def test_state_shapes_match_the_model_and_allocate_nothing():
     cfg = tiny(ch_mult=(1, 2, 2), resolution=16, attn_resolutions=(8,)).config
     real = {k: tuple(v.shape) for k, v in UNet.from_config(cfg).state_dict().items()}
     assert UNet.state_shapes(cfg) == real
-    # A 3.9e9-parameter config (15 GB as float32) is described from the meta device alone.
+    # A 6.0e9-parameter config (24 GB as float32) is described from the meta device alone.
     big = {**cfg, "ch": 1024, "ch_mult": [1, 2, 4], "num_res_blocks": 4}
     shapes = UNet.state_shapes(big)
     assert sum(math.prod(s) for s in shapes.values()) > 1e9

@@ -515,6 +515,11 @@ def test_export_ema_only(ckpt, tmp_path):
     with pytest.raises(ValueError, match=r"out: expected a path ending in .json"):
         export_model(str(ckpt), str(tmp_path / "x.safetensors"))
     assert snapshot(ckpt) == src
+    os.rename(dst, dst.parent / "checkpoint.json")
+    os.rename(dst.parent / "small.safetensors", dst.parent / "small2.safetensors")
+    _edit_json(dst.parent, lambda m: m.update(weights="small2.safetensors"))
+    with pytest.raises(CheckpointError, match=r"is a sampling checkpoint \(contents \['ema'\]\); only a training run"):
+        train(TrainConfig.from_checkpoint(str(dst.parent), steps=5), resume=True)
 
 
 def test_config_validation(tmp_path):

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from _utils import STEP_KINDS, assert_close, assert_step_close, make_step_args, reference_result, run_op, step_seed
-from ddim_fast import layout, ops, reference, solvers
+from ddim_fast import layout, ops, reference
 from ddim_fast.kernels import ddim_step as K
 
 DEVICE = torch.device("cpu") if K.is_interpreted() else torch.device("cuda")
@@ -469,8 +469,10 @@ _AOT = textwrap.dedent(
         ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, enable_fp_fusion=True))
         ptx = ck.asm["ptx"]
         n = lambda p: len(re.findall(p, ptx))
-        return [ck.metadata.shared, n(r"bar\\.sync"), n(r"ld\\.global(\\.\\w+)*\\.v4\\.b32"), n(r"ld\\.global(\\.\\w+)*\\.v2\\.b32"),
-                n(r"st\\.global(\\.\\w+)*\\.v4\\.b32"), n(r"mul\\.hi\\.u32"), n(r"div\\.rn\\.f32"), n(r"div\\.(full|approx)")]
+        return [ck.metadata.shared, n(r"bar\\.sync"),
+                n(r"ld\\.global(\\.\\w+)*\\.v4\\.b32"), n(r"ld\\.global(\\.\\w+)*\\.v2\\.b32"),
+                n(r"st\\.global(\\.\\w+)*\\.v4\\.b32"), n(r"mul\\.hi\\.u32"), n(r"div\\.rn\\.f32"), n(r"div\\.(full|approx)"),
+                n(r"sqrt\\.approx")]
     print(*compile(HAS_FLAGS=True, HAS_X0_OUT=True))  # DDIM at any eta: Philox behind the sigma branch
     print(*compile(NUM_HIST=3, HAS_SAVED=True, HISTORY_KIND=1, HAS_NOISE=True, HAS_FLAGS=True, PREDICTION=2))
     """
@@ -480,7 +482,7 @@ _AOT = textwrap.dedent(
 def test_kernel_compiles_for_sm90():
     """Compiled mode cannot run here, but it can be compiled: no shared memory and no barrier (the
     flags reduce within a thread), 128-bit fp32 loads/stores (8 elements per thread at BLOCK =
-    256 groups and 4 warps), one Philox (2 x 10 mulhi) per group, correctly rounded divisions;
+    256 groups and 4 warps), one Philox (2 x 10 mulhi) per group, correctly rounded divisions and sqrt;
     the every-operand variant (3 history terms, saved state, explicit noise) compiles too."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -489,10 +491,11 @@ def test_kernel_compiles_for_sm90():
         pytest.skip("no ptxas for the CUDA target")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddim, every = ([int(v) for v in line.split()] for line in proc.stdout.split("\n")[-3:-1])
-    for what, (shared, bar, v4_fp32, v2_fp16x4, v4_store, mulhi, div_rn, div_approx) in (("ddim", ddim), ("every", every)):
+    for what, (shared, bar, v4_fp32, v2_fp16x4, v4_store, mulhi, div_rn, div_approx, sqrt_approx) in (("ddim", ddim), ("every", every)):
         assert shared == 0 and bar == 0, f"{what}: the tile went through shared memory ({shared} B, {bar} barriers)"
         assert v2_fp16x4 == 2, f"{what}: the fp16 model output is not read as 2 x 64-bit per thread"
         assert div_rn == 2 * 4 and div_approx == 0, f"{what}: {div_rn} div.rn, {div_approx} approximate divisions"
+        assert sqrt_approx == 0, f"{what}: an approximate sqrt in the Box-Muller transform"
     assert ddim[2] == 2 and ddim[4] == 2 * 2, f"x: 2 v4 loads, out and x0_out: 2 v4 stores each: {ddim}"
     assert 0 < ddim[5] <= 2 * 10 * 2, f"{ddim[5]} mulhi for 2 groups per thread: Philox is not shared by 4 outputs"
     assert every[2] == 2 * (1 + 3 + 1 + 1), f"x, 3 ring slots, saved, noise: {every}"

@@ -36,7 +36,7 @@ __all__ = ["UNet", "timestep_embedding", "LIMITS"]
 # Upper bounds of a UNet config, checked before any layer is built, so that a config read from a
 # file cannot ask for an unbounded model. They sit far above the DDPM paper's largest model
 # (LSUN 256 px: ch 128, ch_mult (1, 1, 2, 2, 4, 4), width 512, 114M parameters) and below
-# sizes no machine here can hold: one ResBlock at the width limit is ~1.2G parameters.
+# sizes no machine here can hold: one ResBlock at the width limit is 1.3e9 parameters (5 GB).
 LIMITS: Dict[str, int] = {
     "in_channels": 1024,
     "out_channels": 1024,

@@ -1,0 +1,107 @@
+"""Issue 15's digits cells: Frechet distance (ddim_fast.metrics, the digit classifier's features)
+of n samples per cell from the embedded model, every cell from the same x_T (sample i of seed 0),
+ours (solver x spacing, tuned) and diffusers' schedulers in their own loops. Cells are
+checkpointed to JSON as they finish, so the run can be stopped and resumed.
+
+    OMP_NUM_THREADS=1 nice python bench/quality_digits.py --n 1000 --out docs/results/quality_digits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from ddim_fast import FusedSampler, layout, metrics, reference, solvers, tune
+from ddim_fast.train import load_model
+
+OURS = [("ipndm", "logsnr"), ("ipndm", "quad"), ("ipndm", "tuned"), ("unipc", "logsnr"), ("unipc", "quad"), ("unipc", "tuned"),
+        ("dpmpp_3m", "logsnr"), ("dpmpp_3m", "quad"), ("unipc_3", "logsnr"), ("ipndm_v", "quad"), ("dpmpp_2m", "quad")]  # fmt: skip
+DIFFUSERS = [("dpm", 2, "karras"), ("dpm", 3, "linspace"), ("unipc", 2, "linspace"), ("unipc", 3, "linspace"),
+             ("deis", 3, "linspace"), ("dpm", 2, "lu")]  # fmt: skip
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--steps", default="5,6,8,10")
+    p.add_argument("--tune-batch", type=int, default=64)
+    p.add_argument("--out", default="docs/results/quality_digits.json")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from quality_cells import diffusers_scheduler
+
+    model, schedule = load_model()
+    C, H, W = 1, 8, 8
+    cells = json.load(open(args.out)) if os.path.exists(args.out) else {}
+
+    def put(key, value):
+        cells[key] = value
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(cells, f, indent=1, sort_keys=True)
+        os.replace(tmp, args.out)
+
+    x_T_all = reference.gaussian(0, (args.n, C, H, W), stream=layout.STREAM_X_T)
+
+    def batched(fn):
+        out = []
+        with torch.inference_mode():
+            for i in range(0, args.n, args.batch):
+                out.append(fn(x_T_all[i : i + args.batch]))
+        return torch.cat(out)
+
+    def record(key, fn, extra):
+        t0 = time.time()
+        x = batched(fn)
+        fd = metrics.frechet_distance_images(x.clamp(-1, 1))
+        put(key, dict(fd=fd, seconds=round(time.time() - t0, 1), **extra))
+        print(key, round(fd, 3), flush=True)
+
+    steps = [int(s) for s in args.steps.split(",")]
+    for S in (20, 50):
+        key = f"ours|ddim|quad|S{S}|n{args.n}"
+        if key not in cells:
+            s = FusedSampler(model, schedule, steps=S, skip="quad", precision="fp32")
+            record(key, s.sample, dict(tau=np.sort(s.timesteps.numpy()).tolist()))
+    for S in steps:
+        for solver, skip in [("ddim", "quad")] + OURS:
+            key = f"ours|{solver}|{skip}|S{S}|n{args.n}"
+            if key in cells:
+                continue
+            extra = {}
+            if skip == "tuned":
+                info = {}
+                tau = tune.tune_timesteps(model, S, (args.tune_batch, C, H, W), schedule, solver, seed=1, progress=False, info=info)
+                skip_arg = tau.numpy()
+                extra = dict(tune_seconds=info["seconds"], tune_start=info["start"], tune_calls=info["model_calls"])
+            else:
+                skip_arg = skip
+            s = FusedSampler(model, schedule, steps=S, skip=skip_arg, solver=solver, precision="fp32")
+            record(key, s.sample, dict(tau=np.sort(s.timesteps.numpy()).tolist(), **extra))
+        for name, order, spacing in DIFFUSERS:
+            key = f"diffusers|{name}{order}|{spacing}|S{S}|n{args.n}"
+            if key in cells:
+                continue
+
+            def run(x, name=name, order=order, spacing=spacing):
+                sch = diffusers_scheduler(name, order, spacing, S)
+                for t in sch.timesteps:
+                    x = sch.step(model(x, t.expand(x.shape[0])), t, x).prev_sample
+                return x
+
+            record(key, run, dict(tau=sorted(diffusers_scheduler(name, order, spacing, S).timesteps.tolist())))
+
+
+if __name__ == "__main__":
+    main()
