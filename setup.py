@@ -100,6 +100,8 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
+        # ddim_fast.FusedScheduler (a diffusers scheduler); the rest of the package never imports it
+        "diffusers": ["diffusers>=0.30"],
         "test": [
             "pytest>=7.0",
             "pytest-benchmark>=4.0",

@@ -49,6 +49,9 @@ BUDGET_S = 290.0  # the issue's limit is 5 minutes in total, start-up and report
 RESERVE_S = 8.0  # kept back for the last report write
 SECTIONS = {"environment": 15, "kernel": 55, "sampler": 60, "precision": 15, "speed": 110, "bandwidth": 20}
 STEPS = 20
+SPEED_BATCHES = (8, 64, 1)  # 8: the CPU bench's batch, first, so that a time box cuts 1 and 64 first
+PRECISION_BATCH = 64
+DEVICE = "cuda"  # the checks' device; a developer's dry run of the sections on a CPU sets it to "cpu"
 UNET_CONFIG = dict(in_channels=3, resolution=32, ch=48, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
                    attn_resolutions=(16,), dropout=0.0, num_groups=16)  # fmt: skip
 
@@ -232,8 +235,13 @@ def _unet(device, seed=0):
 
 
 def _cuda_seconds(fn, *, repeat=20, warmup=3):
-    """Median seconds of ``fn()`` timed with CUDA events."""
+    """Median seconds of ``fn()`` timed with CUDA events (wall time where DEVICE is not CUDA)."""
     import torch
+
+    if DEVICE != "cuda":
+        from _timing import median_seconds
+
+        return median_seconds(fn, repeat=repeat, warmup=warmup)
 
     for _ in range(warmup):
         fn()
@@ -247,6 +255,12 @@ def _cuda_seconds(fn, *, repeat=20, warmup=3):
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return statistics.median(times)
+
+
+def _sync():
+    from _timing import sync
+
+    sync(DEVICE)
 
 
 def _rel_max(a, b) -> float:
@@ -384,7 +398,7 @@ def _compiled_sampler(model, **kw):
             raise
         from ddim_fast.compile import maybe_compile
 
-        return _sampler(maybe_compile(model, True, "cuda"), **kw), "maybe_compile(model) (no compile= option yet)"
+        return _sampler(maybe_compile(model, True, DEVICE), **kw), "maybe_compile(model) (no compile= option yet)"
 
 
 def _plain_loop(model, sampler, x_T, autocast_dtype=None):
@@ -403,7 +417,7 @@ def _plain_loop(model, sampler, x_T, autocast_dtype=None):
     with torch.inference_mode():
         for k, t in enumerate(sampler.timesteps.tolist()):
             tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.int64)
-            with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with torch.autocast(DEVICE, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 eps = model(x, tt).float()
             row = table[k].float()
             x0 = (x - row[layout.SQRT_ONE_MINUS_ALPHA] * eps) / row[layout.SQRT_ALPHA]
@@ -414,8 +428,8 @@ def _plain_loop(model, sampler, x_T, autocast_dtype=None):
 def sampler_checks(report):
     import torch
 
-    model = _unet("cuda")
-    x_T = torch.randn(8, 3, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    model = _unet(DEVICE)
+    x_T = torch.randn(8, 3, 32, 32, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
     state = {}
 
     def graph_vs_eager(label, tol, **kw):
@@ -467,7 +481,7 @@ def sampler_checks(report):
         sampler, how = _compiled_sampler(model, precision="fp32", cuda_graph=True)
         with _no_capture_fallback():
             first = sampler.sample(x_T, seed=0)
-            torch.cuda.synchronize()
+            _sync()
             first_s = time.perf_counter() - t0
             again = sampler.sample(x_T, seed=0)
         want = state.get("fp32 eta 0")
@@ -484,30 +498,30 @@ def sampler_checks(report):
 def precision_checks(report):
     import torch
 
-    B = 64
-    x = torch.randn(B, 3, 32, 32, device="cuda")
-    t = torch.full((B,), 500, device="cuda")
-    fp32 = _unet("cuda")
+    B = PRECISION_BATCH
+    x = torch.randn(B, 3, 32, 32, device=DEVICE)
+    t = torch.full((B,), 500, device=DEVICE)
+    fp32 = _unet(DEVICE)
 
     def variant(name):
         def run():
             with torch.inference_mode():
                 if name.endswith("weights"):
                     dtype = torch.float16 if name.startswith("fp16") else torch.bfloat16
-                    model = _unet("cuda").to(dtype)
+                    model = _unet(DEVICE).to(dtype)
                     fn = lambda: model(x.to(dtype), t).float()  # noqa: E731
                 elif name.endswith("autocast"):
                     dtype = torch.float16 if name.startswith("fp16") else torch.bfloat16
 
                     def fn():
-                        with torch.autocast("cuda", dtype=dtype):
+                        with torch.autocast(DEVICE, dtype=dtype):
                             return fp32(x, t).float()
                 else:
                     fn = lambda: fp32(x, t)  # noqa: E731
                 ref = fp32(x, t)
                 rms = (fn() - ref).pow(2).mean().sqrt().item()
                 sec = _cuda_seconds(fn)
-            return {"ms_per_call_B64": 1e3 * sec, "rms_vs_fp32": rms}
+            return {"batch": B, "ms_per_call": 1e3 * sec, "rms_vs_fp32": rms}
 
         report.check(f"model call {name}", run, min_s=2)
 
@@ -520,18 +534,18 @@ def speed_checks(report):
 
     from _timing import interleaved_seconds
 
-    model = _unet("cuda")
+    model = _unet(DEVICE)
     have_diffusers = importlib.util.find_spec("diffusers") is not None
 
-    for B in (8, 64, 1):
+    for B in SPEED_BATCHES:
         def run(B=B):
-            x_T = torch.randn(B, 3, 32, 32, device="cuda")
+            x_T = torch.randn(B, 3, 32, 32, device=DEVICE)
             eager = _sampler(model, cuda_graph=False)
             graph = _sampler(model, cuda_graph=True)
-            ts = [torch.full((B,), int(t), device="cuda") for t in graph.timesteps.tolist()]
+            ts = [torch.full((B,), int(t), device=DEVICE) for t in graph.timesteps.tolist()]
 
             def model_loop():
-                with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+                with torch.inference_mode(), torch.autocast(DEVICE, dtype=torch.float16):
                     for t in ts:
                         model(x_T, t)
 
@@ -549,15 +563,15 @@ def speed_checks(report):
 
                 def diffusers_loop():
                     x = x_T.clone()
-                    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+                    with torch.inference_mode(), torch.autocast(DEVICE, dtype=torch.float16):
                         for t in sched.timesteps:
-                            x = sched.step(model(x, t.to("cuda").expand(B)).float(), t, x, eta=0.0).prev_sample
+                            x = sched.step(model(x, t.to(DEVICE).expand(B)).float(), t, x, eta=0.0).prev_sample
                     return x
 
                 fns["diffusers_loop"] = diffusers_loop
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                times = interleaved_seconds(fns, rounds=5, warmup=2, device="cuda")
+                times = interleaved_seconds(fns, rounds=5, warmup=2, device=DEVICE)
             med = {k: statistics.median(v) for k, v in times.items()}
             out = {f"steps_per_s_{k}": STEPS / v for k, v in med.items()}
             out["overhead_ms_per_step_graph"] = 1e3 * (med["ours_graph"] - med["model_only"]) / STEPS
@@ -567,18 +581,18 @@ def speed_checks(report):
 
         report.check(f"steps/s B={B} (fp16 autocast, S={STEPS})", run, min_s=8)
 
-    for B in (8, 64, 1):
+    for B in SPEED_BATCHES:
         def run_compiled(B=B):
-            x_T = torch.randn(B, 3, 32, 32, device="cuda")
+            x_T = torch.randn(B, 3, 32, 32, device=DEVICE)
             t0 = time.perf_counter()
             sampler, how = _compiled_sampler(model, cuda_graph=True)
             with _no_capture_fallback():
                 sampler.sample(x_T)
-                torch.cuda.synchronize()
+                _sync()
                 first_s = time.perf_counter() - t0
                 graph = _sampler(model, cuda_graph=True)
                 times = interleaved_seconds({"graph": lambda: graph.sample(x_T), "graph_compile": lambda: sampler.sample(x_T)},
-                                            rounds=5, warmup=2, device="cuda")  # fmt: skip
+                                            rounds=5, warmup=2, device=DEVICE)  # fmt: skip
             med = {k: statistics.median(v) for k, v in times.items()}
             return {"how": how, "first_call_s": first_s, "steps_per_s_graph": STEPS / med["graph"],
                     "steps_per_s_graph_compile": STEPS / med["graph_compile"],
@@ -598,13 +612,13 @@ def bandwidth_checks(report):
              "out", "x0_out", "flags")  # fmt: skip
 
     def run():
-        x = torch.randn(shape, device="cuda")
-        e = torch.randn(shape, device="cuda")
+        x = torch.randn(shape, device=DEVICE)
+        e = torch.randn(shape, device=DEVICE)
         out = torch.empty_like(x)
         nbytes = 3 * x.numel() * 4  # read x and the model output, write x_next
         res = {"torch_add_GBps": nbytes / _cuda_seconds(lambda: torch.add(x, e, alpha=-0.5, out=out), repeat=50) / 1e9}
         for kind in ("ddim", "ddim_eta1"):
-            args = make_step_args(kind, shape=shape, x0_out=False, flags=True, device="cuda")
+            args = make_step_args(kind, shape=shape, x0_out=False, flags=True, device=DEVICE)
             call = [args[k] for k in names] + ["triton"]
             sec = _cuda_seconds(lambda: ops.run_step(*call), repeat=50)
             res[f"triton_{kind}_GBps"] = nbytes / sec / 1e9

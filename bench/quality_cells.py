@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import torch
 
-from ddim_fast import layout, solvers, tune
+from ddim_fast import solvers, tune
 from ddim_fast.reference import GaussianMixtureEps, fused_step
 from ddim_fast.schedule import NoiseSchedule
 

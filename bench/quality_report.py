@@ -23,6 +23,18 @@ def score(mix, v):
     return v["fd"] / (D * STD[mix] ** 2) + v["tv"]
 
 
+_DIFFUSERS_NAMES = {"dpm2": "DPMSolverMultistep 2M", "dpm3": "DPMSolverMultistep 3M", "unipc2": "UniPCMultistep 2",
+                    "unipc3": "UniPCMultistep 3", "deis2": "DEISMultistep 2", "deis3": "DEISMultistep 3"}  # fmt: skip
+
+
+def pretty(cfg):
+    """'ours|ipndm|quad' -> 'ipndm, quad'; 'diffusers|dpm2|karras' -> 'diffusers DPMSolverMultistep 2M, karras'."""
+    who, name, spacing = cfg.split("|")
+    if who == "ours":
+        return f"{name}, {spacing}"
+    return f"diffusers {_DIFFUSERS_NAMES.get(name, name)}, {spacing}"
+
+
 def _cfg(key):
     parts = key.split("|")
     return "|".join(parts[1:-2]), int(parts[-2][1:])
@@ -57,7 +69,7 @@ def mixture_tables(cells, n):
                 v = by.get((mix, c, S))
                 vals.append(f"{score(mix, v):.3f} ({v['ode']:.3f})" if v else "")
             if any(vals):
-                lines.append(f"| {c} | " + " | ".join(vals) + " |")
+                lines.append(f"| {pretty(c)} | " + " | ".join(vals) + " |")
         lines.append("")
     return lines, by, mixes
 
@@ -76,7 +88,7 @@ def verdicts(by, mixes):
                 continue
             r_ref = score(mix, ref)
             met = ours[0] <= allowed * r_ref and ours[0] <= theirs[0]
-            lines.append(f"| {S} | DDIM S={ref_S} | {mix} | {ours[1]} {ours[0]:.3f} | {ours[0] / r_ref:.2f} | {theirs[1]} "
+            lines.append(f"| {S} | DDIM S={ref_S} | {mix} | {pretty(ours[1])} {ours[0]:.3f} | {ours[0] / r_ref:.2f} | {pretty(theirs[1])} "
                          f"{theirs[0]:.3f} | {theirs[0] / r_ref:.2f} | <= {allowed}x and <= diffusers | {'yes' if met else 'no'} |")
     lines.append("")
     lines.append("Recommended per S (geometric mean over the mixtures of score / DDIM quad S = 20's score, lowest first):")
@@ -88,7 +100,7 @@ def verdicts(by, mixes):
                 cands.setdefault(c, []).append(math.log(score(m, v) / score(m, by[m, "ours|ddim|quad", 20])))
         ranked = sorted((math.exp(sum(v) / len(v)), c) for c, v in cands.items() if len(v) == len(mixes))
         if ranked:
-            lines.append(f"- S = {S}: " + ", ".join(f"{c} {g:.2f}" for g, c in ranked[:4]))
+            lines.append(f"- S = {S}: " + "; ".join(f"{pretty(c)} {g:.2f}" for g, c in ranked[:4]))
     lines.append("")
     return lines
 
@@ -113,7 +125,7 @@ def digits_table(cells):
         lines.append("| config | " + " | ".join(f"S = {S}" for S in cols) + " |")
         lines.append("|---|" + "---|" * len(cols))
         for c in cfgs:
-            lines.append(f"| {c} | " + " | ".join(f"{by[c, S]['fd']:.2f}" if (c, S) in by else "" for S in cols) + " |")
+            lines.append(f"| {pretty(c)} | " + " | ".join(f"{by[c, S]['fd']:.2f}" if (c, S) in by else "" for S in cols) + " |")
         lines.append("")
     return lines
 

@@ -12,6 +12,8 @@ One group per row lines the providers up in pytest-benchmark's table:
 - ``cpp-op+sum``: the op without flags plus the separate check it replaces, a ``torch.sum`` of the
   model output (one more read of 768 KiB) whose finiteness the loop tested;
 - ``cpp-op-inplace``: x_next written over x_t (the sampler's state buffer);
+- ``cpp-op-portable-noise`` (eta = 1, AVX-512 CPUs): the op with the portable generator instead
+  of the AVX-512 one (``ddim_fast_C::noise_impl``): the figure that keeps the second path;
 - ``run_step``: ``ops.run_step``, the sampler's direct call (Python, no custom-op dispatch);
 - ``ops.step``: through the ``ddim_fast::step`` custom op (dispatch and validation included);
 - ``reference``: ``reference.fused_step`` in float32;
@@ -138,6 +140,15 @@ def _providers(row: str, C) -> dict:
         "ops.step": lambda: ops.step(*args(x, out, flags), "cpp"),
         "reference": lambda: reference.fused_step(*args(x, out, flags)),
     }
+    fast = C.noise_impl(-1)
+    if row == "eta1" and fast == 1:
+
+        def portable():
+            C.noise_impl(0)
+            C.step(*args(x, out, flags))
+            C.noise_impl(1)
+
+        fns["cpp-op-portable-noise"] = portable
     if row != "dpmpp_2m":
         diffusers = _diffusers_step(1.0 if row == "eta1" else 0.0, eps, x)
         if diffusers is not None:
@@ -151,7 +162,8 @@ def _providers(row: str, C) -> dict:
 
 PROVIDERS = {
     "eta0": ("cpp-op", "cpp-op-flags", "cpp-op+sum", "cpp-op-inplace", "run_step", "ops.step", "reference", "diffusers", "torch.add"),
-    "eta1": ("cpp-op", "cpp-op-flags", "cpp-op+sum", "cpp-op-inplace", "run_step", "ops.step", "reference", "diffusers", "torch.randn"),
+    "eta1": ("cpp-op", "cpp-op-flags", "cpp-op+sum", "cpp-op-inplace", "cpp-op-portable-noise", "run_step", "ops.step", "reference",
+             "diffusers", "torch.randn"),
     "dpmpp_2m": ("cpp-op", "cpp-op-flags", "cpp-op+sum", "run_step", "reference", "torch.add"),
 }
 # bytes moved per element by the op: x and model_out read and x_next written (float32); 2M also
@@ -165,6 +177,7 @@ RATIOS = {
     "speedup_vs_diffusers": ("diffusers", "cpp-op-flags"),
     "speedup_vs_diffusers_through_ops_step": ("diffusers", "ops.step"),
     "speedup_vs_reference": ("reference", "cpp-op-flags"),
+    "speedup_avx512_noise": ("cpp-op-portable-noise", "cpp-op-flags"),  # >= 1.3 keeps the second generator
 }
 CASES = [(row, p) for row, names in PROVIDERS.items() for p in names]
 
@@ -173,7 +186,7 @@ CASES = [(row, p) for row, names in PROVIDERS.items() for p in names]
 def test_step(benchmark, C, report_ratio, row, provider):
     fns = _providers(row, C)
     if provider not in fns:
-        pytest.skip(f"{provider} is not installed")
+        pytest.skip(f"{provider} is not available here (not installed, or no AVX-512)")
     benchmark.group = f"fused step 64x3x32x32 fp32, {row} ({torch.get_num_threads()} threads)"
     benchmark.pedantic(fns[provider], rounds=200, iterations=1, warmup_rounds=20)
     if benchmark.disabled or provider != "cpp-op":

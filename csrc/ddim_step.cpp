@@ -23,10 +23,12 @@
 // are (a x + b m) r with r = 1 / sqrt(a_t) or 1 / sqrt(1 - a_t) (one vdivps per 16 elements
 // costs about as much as the whole memory pass of torch.add at 64x3x32x32).
 //
-// Speed: the plain DDIM row (no ring, no saved state) is one loop that reads x and m and
-// writes out (and x0_out); the other rows run, per 1,024-element tile in L1, one loop for
-// x0 / eps / the folded part and one short loop per present term. The finite flags are an
-// integer max over the exponent bits inside those loops (no extra pass over memory). Tiles
+// Speed: three loops, each one pass over memory. The plain row (no ring, no saved state: DDIM)
+// reads x and m and writes out (and x0_out): 1.0-1.1x one torch.add at 64x3x32x32. A row with
+// a ring (the multistep solvers) adds the ring terms it reads and writes one slot: 2M 1.5x
+// torch.add (5 tensors streamed against 3). A row with a saved state runs, per 1,024-element
+// tile in L1, one loop for x0 / eps / the folded part and one short loop per present term.
+// The finite flags are an integer max over exponent bits inside those loops. Tiles
 // are spread over at::get_num_threads() threads (parallel_tiles); every value depends only on
 // its element's indices, so any thread count gives the same bits. Built with -ffp-contract=off
 // (FMAs only where written) and compiled per ISA level (target_clones: x86-64-v4 = AVX-512,
@@ -69,9 +71,12 @@
 static_assert(DDIM_HISTORY_TERMS == 3, "the kernel reads the history columns c_h1..c_h3 / d_h1..d_h3");
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#include <immintrin.h>
 #define DDIM_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define DDIM_HAVE_AVX512_NOISE 1
 #else
 #define DDIM_TARGET_CLONES
+#define DDIM_HAVE_AVX512_NOISE 0
 #endif
 #define DDIM_INLINE inline __attribute__((always_inline))
 
@@ -156,16 +161,17 @@ struct StepArgs {
   bool clip;
   float lo, hi;
   float sigma;  // 0: no noise term
-  Convert cv;   // as float32 below
-  float a0, b0, r0, ae, be, re;
+  float a0, b0, r0, ae, be, re;  // Convert, as float32
   Combination xn, sv;  // x_next and the saved-state update
   int64_t D;           // elements per sample
   NoiseKey key;
+  bool fast_noise;  // the AVX-512 generator (philox.h)
   std::atomic<int>* bad_model;
   std::atomic<int>* bad_state;
 };
 
-// A tile of the model output as float32: in place for fp32, widened into buf otherwise.
+// A tile of the model output as float32: in place for fp32, widened into buf otherwise (a
+// float64 value beyond the float32 range becomes inf here and sets FLAG_MODEL).
 DDIM_INLINE const float* load_m(const StepArgs& a, int64_t e0, int64_t n, float* buf) {
   switch (a.mt) {
     case MDtype::kF32:
@@ -227,37 +233,49 @@ DDIM_INLINE v8f clamp8(v8f v, float lo, float hi) {
   return v > hiv ? hiv : v;
 }
 
+struct PlainCoefs {
+  float fx, fm, cx, cx0, ceps, sigma, a0, b0, r0, ae, be, re, lo, hi;
+};
+
+// 8 elements of the plain row. always_inline, not a lambda: a lambda may stay an out-of-line
+// function compiled for the baseline ISA, and an 8-float vector argument then crosses an ABI
+// boundary from the AVX clones (the tail came back as zeros).
+template <bool kClip, bool kNoise, bool kX0, bool kCheckM>
+DDIM_INLINE void plain8(const PlainCoefs& c, v8f xi, v8f mi, const float* zi, float* oi, float* x0i, v8u& mm,
+                        v8u& ms) {
+  v8f v;
+  if constexpr (kClip) {
+    const v8f x0 = clamp8((c.a0 * xi + c.b0 * mi) * c.r0, c.lo, c.hi);
+    const v8f eps = (c.ae * xi + c.be * mi) * c.re;
+    v = c.cx * xi + c.cx0 * x0 + c.ceps * eps;
+    if constexpr (kX0) store8(x0i, x0);
+  } else {
+    v = c.fx * xi + c.fm * mi;
+    if constexpr (kX0) store8(x0i, (c.a0 * xi + c.b0 * mi) * c.r0);
+  }
+  if constexpr (kNoise) v = v + c.sigma * load8(zi);
+  if constexpr (kCheckM) mm = max8(mm, exponent_bits8(mi));
+  ms = max8(ms, exponent_bits8(v));
+  store8(oi, v);
+}
+
 template <bool kClip, bool kNoise, bool kX0, bool kCheckM>
 DDIM_INLINE void plain_tile(const StepArgs& a, const float* x, const float* m, const float* z, float* out,
                             float* x0o, int64_t n, uint32_t& em, uint32_t& es) {
-  const float fx = a.xn.fx, fm = a.xn.fm, cx = a.xn.c_x, cx0 = a.xn.c_x0, ceps = a.xn.c_eps, sigma = a.sigma;
-  const float a0 = a.a0, b0 = a.b0, r0 = a.r0, ae = a.ae, be = a.be, re = a.re, lo = a.lo, hi = a.hi;
+  const PlainCoefs c{a.xn.fx, a.xn.fm, a.xn.c_x, a.xn.c_x0, a.xn.c_eps, a.sigma, a.a0, a.b0, a.r0, a.ae, a.be, a.re,
+                     a.lo, a.hi};
   v8u mm = {}, ms = {};
-  auto body = [&](v8f xi, v8f mi, const float* zi, float* oi, float* x0i) {
-    v8f v;
-    if constexpr (kClip) {
-      const v8f x0 = clamp8((a0 * xi + b0 * mi) * r0, lo, hi);
-      const v8f eps = (ae * xi + be * mi) * re;
-      v = cx * xi + cx0 * x0 + ceps * eps;
-      if constexpr (kX0) store8(x0i, x0);
-    } else {
-      v = fx * xi + fm * mi;
-      if constexpr (kX0) store8(x0i, (a0 * xi + b0 * mi) * r0);
-    }
-    if constexpr (kNoise) v = v + sigma * load8(zi);
-    if constexpr (kCheckM) mm = max8(mm, exponent_bits8(mi));
-    ms = max8(ms, exponent_bits8(v));
-    store8(oi, v);
-  };
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) body(load8(x + i), load8(m + i), kNoise ? z + i : z, out + i, kX0 ? x0o + i : x0o);
-  if (i < n) {  // the tail, through a padded copy (a sample's last tile)
+  for (; i + kLanes <= n; i += kLanes)
+    plain8<kClip, kNoise, kX0, kCheckM>(c, load8(x + i), load8(m + i), kNoise ? z + i : z, out + i,
+                                        kX0 ? x0o + i : x0o, mm, ms);
+  if (i < n) {  // the tail, through a zero-padded copy (a sample's last tile)
     alignas(32) float tx[kLanes] = {}, tm[kLanes] = {}, tz[kLanes] = {}, to[kLanes], t0[kLanes];
     const size_t bytes = static_cast<size_t>(n - i) * sizeof(float);
     std::memcpy(tx, x + i, bytes);
     std::memcpy(tm, m + i, bytes);
     if constexpr (kNoise) std::memcpy(tz, z + i, bytes);
-    body(load8(tx), load8(tm), tz, to, t0);
+    plain8<kClip, kNoise, kX0, kCheckM>(c, load8(tx), load8(tm), tz, to, t0, mm, ms);
     std::memcpy(out + i, to, bytes);
     if constexpr (kX0) std::memcpy(x0o + i, t0, bytes);
   }
@@ -294,7 +312,86 @@ DDIM_INLINE void plain_tile_x0(const StepArgs& a, bool check_m, const float* x, 
 }
 
 // ----------------------------------------------------------------------------------------
-// The general row, per tile in L1: x0 / eps / the x and m part, then one loop per term.
+// A row with a ring and no saved state (the multistep solvers): one loop, with the history
+// terms and the noise as a compact list of (pointer, coefficient) for the non-zero ones only
+// (an unused ring slot is never read). The ring slot written (step mod R) may be one of those
+// read (j = R): each vector is loaded before the same one is stored. 2M at 64x3x32x32: 72 us
+// in the per-term loops of general_tile, ~2.5x torch.add (5 streams against 3).
+// ----------------------------------------------------------------------------------------
+template <bool kClip, int kTerms>
+DDIM_INLINE void ring_tile(const StepArgs& a, const float* x, const float* m, const float* const* t, const float* tc,
+                           float* out, float* hw, float* x0o, int64_t n, uint32_t& em, uint32_t& es) {
+  const PlainCoefs c{a.xn.fx, a.xn.fm, a.xn.c_x, a.xn.c_x0, a.xn.c_eps, a.sigma, a.a0, a.b0, a.r0, a.ae, a.be, a.re,
+                     a.lo, a.hi};
+  const bool hist_eps = a.history_eps;
+  v8u mm = {}, ms = {};
+  auto vec = [&](int64_t i, const float* xp, const float* mp, const float* const* tp, float* op, float* hp, float* x0p)
+      __attribute__((always_inline)) {
+    const v8f xi = load8(xp), mi = load8(mp);
+    v8f x0 = (c.a0 * xi + c.b0 * mi) * c.r0;
+    const v8f eps = (c.ae * xi + c.be * mi) * c.re;
+    v8f v;
+    if constexpr (kClip) {
+      x0 = clamp8(x0, c.lo, c.hi);
+      v = c.cx * xi + c.cx0 * x0 + c.ceps * eps;
+    } else {
+      v = c.fx * xi + c.fm * mi;
+    }
+    for (int k = 0; k < kTerms; ++k) v = v + tc[k] * load8(tp[k] + i);
+    mm = max8(mm, exponent_bits8(mi));
+    ms = max8(ms, exponent_bits8(v));
+    store8(hp, hist_eps ? eps : x0);
+    if (x0p != nullptr) store8(x0p, x0);
+    store8(op, v);
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    vec(i, x + i, m + i, t, out + i, hw + i, x0o != nullptr ? x0o + i : nullptr);
+  if (i < n) {  // the tail, through zero-padded copies
+    alignas(32) float tx[kLanes] = {}, tm[kLanes] = {}, tt[kTerms > 0 ? kTerms : 1][kLanes] = {}, to[kLanes],
+        th[kLanes], t0[kLanes];
+    const float* tp[kTerms > 0 ? kTerms : 1];
+    const size_t bytes = static_cast<size_t>(n - i) * sizeof(float);
+    std::memcpy(tx, x + i, bytes);
+    std::memcpy(tm, m + i, bytes);
+    for (int k = 0; k < kTerms; ++k) {
+      std::memcpy(tt[k], t[k] + i, bytes);
+      tp[k] = tt[k];
+    }
+    vec(0, tx, tm, tp, to, th, x0o != nullptr ? t0 : nullptr);
+    std::memcpy(out + i, to, bytes);
+    std::memcpy(hw + i, th, bytes);
+    if (x0o != nullptr) std::memcpy(x0o + i, t0, bytes);
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    em = std::max(em, mm[l]);
+    es = std::max(es, ms[l]);
+  }
+}
+
+template <bool kClip>
+DDIM_INLINE void ring_tile_terms(const StepArgs& a, int64_t e0, int64_t n, const float* x, const float* m,
+                                 const float* z, uint32_t& em, uint32_t& es) {
+  const float* t[DDIM_HISTORY_TERMS + 1];
+  float tc[DDIM_HISTORY_TERMS + 1];
+  int k = 0;
+  for (int j = 0; j < DDIM_HISTORY_TERMS; ++j)
+    if (a.h[j] != nullptr && a.xn.c_h[j] != 0.0f) t[k] = a.h[j] + e0, tc[k++] = a.xn.c_h[j];
+  if (a.sigma != 0.0f) t[k] = z, tc[k++] = a.sigma;
+  float* out = a.out + e0;
+  float* hw = a.h_write + e0;
+  float* x0o = a.x0_out != nullptr ? a.x0_out + e0 : nullptr;
+  switch (k) {
+    case 0: ring_tile<kClip, 0>(a, x, m, t, tc, out, hw, x0o, n, em, es); break;
+    case 1: ring_tile<kClip, 1>(a, x, m, t, tc, out, hw, x0o, n, em, es); break;
+    case 2: ring_tile<kClip, 2>(a, x, m, t, tc, out, hw, x0o, n, em, es); break;
+    case 3: ring_tile<kClip, 3>(a, x, m, t, tc, out, hw, x0o, n, em, es); break;
+    default: ring_tile<kClip, 4>(a, x, m, t, tc, out, hw, x0o, n, em, es); break;
+  }
+}
+
+// ----------------------------------------------------------------------------------------
+// The general row (a saved state), per tile in L1: x0 / eps / the x and m part, then one loop per term.
 // ----------------------------------------------------------------------------------------
 
 // acc = (the x, x0, eps part of c) over the tile.
@@ -365,7 +462,6 @@ DDIM_INLINE void general_tile(const StepArgs& a, int64_t e0, int64_t n, const fl
 // Elements [begin, end): the hot path, compiled once per ISA level (target_clones).
 DDIM_TARGET_CLONES void step_range(const StepArgs& a, int64_t begin, int64_t end) {
   alignas(64) float bm[kTile], bz[kTile], bx0[kTile], beps[kTile], bacc[kTile];
-  const bool general = a.ring != nullptr || a.saved != nullptr;
   const bool noise = a.sigma != 0.0f;
   const bool check_m = !(a.xn.fm != 0.0f && std::isfinite(a.xn.fm));  // see plain_tile
   uint32_t em = 0, es = 0;
@@ -378,12 +474,19 @@ DDIM_TARGET_CLONES void step_range(const StepArgs& a, int64_t begin, int64_t end
       if (a.noise != nullptr) {
         z = a.noise + e0;
       } else {
-        fill_noise(bz, e0, n, a.D, a.key);
+        fill_noise(bz, e0, n, a.D, a.key, a.fast_noise);
         z = bz;
       }
     }
-    if (general) {
+    if (a.saved != nullptr) {
       general_tile(a, e0, n, x, m, z, bx0, beps, bacc, em, es);
+      continue;
+    }
+    if (a.ring != nullptr) {
+      if (a.clip)
+        ring_tile_terms<true>(a, e0, n, x, m, z, em, es);
+      else
+        ring_tile_terms<false>(a, e0, n, x, m, z, em, es);
       continue;
     }
     float* out = a.out + e0;
@@ -405,8 +508,8 @@ DDIM_TARGET_CLONES void step_range(const StepArgs& a, int64_t begin, int64_t end
   if (es == kExpMask) a.bad_state->store(1, std::memory_order_relaxed);
 }
 
-DDIM_TARGET_CLONES void noise_range(float* z, int64_t begin, int64_t end, int64_t D, const NoiseKey& key) {
-  for (int64_t e0 = begin; e0 < end; e0 += kTile) fill_noise(z + e0, e0, std::min(kTile, end - e0), D, key);
+DDIM_TARGET_CLONES void noise_range(float* z, int64_t begin, int64_t end, int64_t D, const NoiseKey& key, bool fast) {
+  for (int64_t e0 = begin; e0 < end; e0 += kTile) fill_noise(z + e0, e0, std::min(kTile, end - e0), D, key, fast);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -503,15 +606,15 @@ void step_cpu(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor
   const float* row = table.const_data_ptr<float>() + step * DDIM_NUM_COLUMNS;
   const double sa = row[DDIM_COL_SQRT_ALPHA], s1m = row[DDIM_COL_SQRT_ONE_MINUS_ALPHA];
   StepArgs a{};
-  a.cv = make_convert(prediction, sa, s1m);
-  a.a0 = static_cast<float>(a.cv.a0);
-  a.b0 = static_cast<float>(a.cv.b0);
-  a.r0 = static_cast<float>(a.cv.r0);
-  a.ae = static_cast<float>(a.cv.ae);
-  a.be = static_cast<float>(a.cv.be);
-  a.re = static_cast<float>(a.cv.re);
-  a.xn = make_combination(row, DDIM_COL_C_X, DDIM_COL_C_X0, DDIM_COL_C_EPS, DDIM_COL_C_SAVED, kColCH, a.cv);
-  a.sv = make_combination(row, DDIM_COL_D_X, DDIM_COL_D_X0, DDIM_COL_D_EPS, DDIM_COL_D_SAVED, kColDH, a.cv);
+  const Convert cv = make_convert(prediction, sa, s1m);
+  a.a0 = static_cast<float>(cv.a0);
+  a.b0 = static_cast<float>(cv.b0);
+  a.r0 = static_cast<float>(cv.r0);
+  a.ae = static_cast<float>(cv.ae);
+  a.be = static_cast<float>(cv.be);
+  a.re = static_cast<float>(cv.re);
+  a.xn = make_combination(row, DDIM_COL_C_X, DDIM_COL_C_X0, DDIM_COL_C_EPS, DDIM_COL_C_SAVED, kColCH, cv);
+  a.sv = make_combination(row, DDIM_COL_D_X, DDIM_COL_D_X0, DDIM_COL_D_EPS, DDIM_COL_D_SAVED, kColDH, cv);
   a.clip = clip > 0.0;
   a.lo = -static_cast<float>(clip);
   a.hi = static_cast<float>(clip);
@@ -547,6 +650,7 @@ void step_cpu(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor
       a.noise = noise->const_data_ptr<float>();
     } else {
       a.key = make_key(seed, step, DDIM_STREAM_STEP, x.size(0), kOp);
+      a.fast_noise = g_noise_impl.load(std::memory_order_relaxed) == 1;
     }
   }
   if (numel == 0) return;
@@ -581,9 +685,10 @@ at::Tensor gaussian_cpu(const at::Tensor& seed, at::IntArrayRef shape, int64_t s
   if (numel == 0) return z;
   const int64_t D = numel / shape[0];
   float* zp = z.mutable_data_ptr<float>();
+  const bool fast = g_noise_impl.load(std::memory_order_relaxed) == 1;
   const int64_t tiles = (numel + kTile - 1) / kTile;
   parallel_tiles(tiles, kGrainNoise, kChunkNoise, [&](int64_t t0, int64_t t1) {
-    noise_range(zp, t0 * kTile, std::min(t1 * kTile, numel), D, key);
+    noise_range(zp, t0 * kTile, std::min(t1 * kTile, numel), D, key, fast);
   });
   return z;
 }
@@ -594,6 +699,14 @@ at::Tensor gaussian_meta(const at::Tensor&, at::IntArrayRef shape, int64_t, int6
 
 int64_t contract_version() { return DDIM_CONTRACT_VERSION; }
 
+// The noise generator in use: 1 = AVX-512, 0 = portable. choice 0 / 1 selects one (1 only where
+// the CPU has AVX-512), -1 only reads. For benchmarks and tests; both give the same bits.
+int64_t noise_impl(int64_t choice) {
+  TORCH_CHECK(choice >= -1 && choice <= 1, "ddim_fast_C::noise_impl: choice must be -1 (read), 0 (portable) or 1 (AVX-512), got ", choice);
+  if (choice >= 0) g_noise_impl.store(choice == 1 && kUseAvx512 ? 1 : 0);
+  return g_noise_impl.load();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ddim_fast_C, m) {
@@ -602,7 +715,8 @@ TORCH_LIBRARY(ddim_fast_C, m) {
       "int history_kind, Tensor(a!)? history, Tensor(b!)? saved, Tensor? noise, Tensor(c!) out, "
       "Tensor(d!)? x0_out, Tensor(e!)? flags) -> ()");
   m.def("gaussian(Tensor seed, int[] shape, int step=0, int stream=1) -> Tensor");
-  m.def("contract_version() -> int", &contract_version);  // no tensors: one catch-all kernel
+  m.def("contract_version() -> int", &contract_version);  // no tensors: one catch-all kernel each
+  m.def("noise_impl(int choice=-1) -> int", &noise_impl);
 }
 
 TORCH_LIBRARY_IMPL(ddim_fast_C, CPU, m) {

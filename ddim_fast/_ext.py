@@ -1,11 +1,11 @@
-"""Loading the C++ CPU kernel of ``csrc/`` (``torch.ops.ddim_fast_C.step``).
+"""Loading the C++ CPU kernel of ``csrc/`` (``torch.ops.ddim_fast_C.step``, ``gaussian``, ``contract_version``).
 
 ``load()`` returns the op, trying in order:
 
 1. ``torch.ops.ddim_fast_C.step`` if something already registered it in this process;
 2. the ahead-of-time build ``ddim_fast._C`` (``pip install -e .`` / a wheel builds it with
    ninja when torch is importable at build time; importing it only registers the ops);
-3. a just-in-time build of ``csrc/ddim_step.cpp`` with ``torch.utils.cpp_extension.load``
+3. a just-in-time build of ``csrc/ddim_step.cpp`` (it includes ``csrc/philox.h``) with ``torch.utils.cpp_extension.load``
    (ninja, 20-40 s on 2 cores, cached under ``TORCH_EXTENSIONS_DIR`` or
    ``~/.cache/torch_extensions``; later processes reuse it).
 
@@ -30,6 +30,7 @@ __all__ = ["load", "source_files", "CXX_FLAGS", "LD_FLAGS", "EXT_NAME"]
 
 EXT_NAME = "ddim_fast_C"  # the torch.library namespace and the JIT build name
 SOURCES = ("ddim_step.cpp",)
+HEADERS = ("philox.h",)  # included by ddim_step.cpp; shipped and looked for with it
 
 # Shared by the ahead-of-time build (setup.py) and the JIT build, so both give the same bits.
 # -ffp-contract=off: no FMA contraction, so every target_clones level (AVX-512, AVX2, SSE2) and
@@ -65,7 +66,7 @@ def source_files() -> list:
     here = os.path.dirname(os.path.abspath(__file__))
     for folder in (os.path.join(here, "csrc"), os.path.join(os.path.dirname(here), "csrc")):
         paths = [os.path.join(folder, name) for name in SOURCES]
-        if all(os.path.isfile(p) for p in paths):
+        if all(os.path.isfile(os.path.join(folder, name)) for name in SOURCES + HEADERS):
             return paths
     raise FileNotFoundError(f"the C++ sources {SOURCES} are neither in {here}/csrc nor in {os.path.dirname(here)}/csrc")
 

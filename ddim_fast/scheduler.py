@@ -79,9 +79,16 @@ _SEED_HIGH = 2**63 - 1
 def __getattr__(name):
     if name in __all__:
         value = _classes()[name]
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    elif name in ("SchedulerMixin", "ConfigMixin"):
+        # A pipeline's model_index.json names this module for our scheduler, and diffusers' loader
+        # looks up the loadable base classes in that module: DiffusionPipeline.from_pretrained works.
+        from diffusers import ConfigMixin, SchedulerMixin
+
+        value = {"SchedulerMixin": SchedulerMixin, "ConfigMixin": ConfigMixin}[name]
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,8 +157,16 @@ def _fused_config(config, solver=None, skip=None, eta=None) -> Dict[str, Any]:
     if kind == "FusedScheduler" or (kind is None and "source_scheduler" in cfg):
         ours = {k: cfg[k] for k in (*_SOURCE_KEYS, *_OURS) if k in cfg}
     else:
+        named = kind is not None
         kind = compat.scheduler_kind(config, schedule_only=True)
-        source = {**_class_defaults(kind), **cfg, "_class_name": kind}
+        defaults = _class_defaults(kind)
+        foreign = sorted(k for k in cfg if not k.startswith("_") and k not in defaults)
+        if not named and foreign:  # a bare dict whose class was guessed from its keys, wrongly
+            raise ValueError(
+                f"config: the fields {foreign} are not {kind}'s; this is another scheduler's config (pass the scheduler "
+                "itself, or its config with '_class_name')"
+            )
+        source = {**defaults, **cfg, "_class_name": kind}
         _validate_source(source)
         ours = {k: source[k] for k in _SOURCE_KEYS if k in source}
         ours["source_scheduler"] = kind
@@ -193,6 +208,23 @@ def _eps_from_clipped_x0(st: solvers.SolverTable) -> solvers.SolverTable:
     return solvers.SolverTable(t, st.history_kind)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Table:
+    """A trajectory's table on the device, with what the step reads of it on the host (computed
+    once here: under torch.compile nothing in ``step`` may look at the table's values)."""
+
+    table: torch.Tensor  # (S, NUM_COLUMNS) float32 on the sampling device
+    history_kind: int
+    history_slots: int
+    uses_saved: bool
+    stochastic: tuple  # per row: sigma != 0
+
+    @classmethod
+    def of(cls, st: solvers.SolverTable, device) -> "_Table":
+        return cls(st.table.to(torch.float32).to(device).contiguous(), st.history_kind, st.history_slots, st.uses_saved,
+                   st.stochastic)
+
+
 @dataclasses.dataclass
 class _Plan:
     """One set_timesteps: what every step of the trajectory reads."""
@@ -203,6 +235,7 @@ class _Plan:
     clip: float
     rederive: bool  # the source re-derives eps from the clipped x0 (DDPM)
     device: torch.device
+    backend: str  # concrete: ops.resolve_backend for the device
 
 
 class _FusedSchedulerImpl:
@@ -327,6 +360,7 @@ class _FusedSchedulerImpl:
             clip=clip,
             rederive=clip > 0 and self._source["_class_name"] == "DDPMScheduler",
             device=torch.device(device) if device is not None else torch.device("cpu"),
+            backend=ops.resolve_backend(self.config.backend, device if device is not None else "cpu"),
         )
         self._tables: Dict[tuple, tuple] = {}
         self._reset()
@@ -344,7 +378,7 @@ class _FusedSchedulerImpl:
     @property
     def resolved_backend(self) -> Optional[str]:
         """The backend running this trajectory's steps ("cpp", "triton" or "torch"; None before the first)."""
-        return None if self._buffers is None else self._buffers["backend"]
+        return None if self._buffers is None else self._plan.backend
 
     @property
     def begin_index(self) -> Optional[int]:
@@ -372,7 +406,7 @@ class _FusedSchedulerImpl:
 
     # -- tables ----------------------------------------------------------------------------
     def _select_table(self, eta, rederive: bool):
-        """The (host SolverTable, device float32 table) for eta, cached per trajectory."""
+        """The table of this trajectory for (eta, rederive, first row), cached per set_timesteps."""
         plan = self._plan
         key = (eta, rederive, self._row0)
         if key not in self._tables:
@@ -383,8 +417,8 @@ class _FusedSchedulerImpl:
             if rederive:
                 st = _eps_from_clipped_x0(st)
             st.check("schedule")
-            self._tables[key] = (st, st.table.to(torch.float32).to(plan.device).contiguous())
-        self._active = (key, *self._tables[key])
+            self._tables[key] = _Table.of(st, plan.device)
+        self._active = (key, self._tables[key])
         return self._active
 
     # -- noise seed --------------------------------------------------------------------------
@@ -478,18 +512,17 @@ class _FusedSchedulerImpl:
             if not first:
                 raise ValueError(f"eta: {want_eta!r} (or use_clipped_model_output) changed in the middle of a trajectory")
             self._select_table(want_eta, rederive)
-        _, st, table = self._active
+        tab = self._active[1]
         row = k - self._row0
-
         if first:
-            self._begin(model_output, sample, st, table, generator, S - self._row0)
+            tab = self._begin(model_output, sample, tab, S - self._row0)
         buf = self._buffers
         if tuple(sample.shape) != buf["shape"]:
             raise ValueError(f"sample: expected shape {buf['shape']} (fixed at the first step), got {tuple(sample.shape)}")
         x = self._state_for(sample)
         m = model_output if model_output.is_contiguous() else model_output.contiguous()
         noise = None
-        if st.stochastic[row]:
+        if tab.stochastic[row]:
             if variance_noise is not None:
                 noise = self._as_noise(variance_noise, "variance_noise", buf)
             elif buf["noise"] is not None:
@@ -503,8 +536,8 @@ class _FusedSchedulerImpl:
                 self._draw_seed(generator, x.device)
         out = torch.empty(buf["shape"], dtype=torch.float32, device=x.device)
         x0 = torch.empty(buf["shape"], dtype=torch.float32, device=x.device)
-        ops.run_step(x, m, table, row, self._seed, plan.prediction, plan.clip, st.history_kind, buf["ring"], buf["saved"], noise,
-                     out, x0, buf["flags"], buf["backend"])
+        ops.run_step(x, m, tab.table, row, self._seed, plan.prediction, plan.clip, tab.history_kind, buf["ring"], buf["saved"],
+                     noise, out, x0, buf["flags"], plan.backend)
         self._step_index = k + 1
         prev = out if sample.dtype == torch.float32 else out.to(sample.dtype)
         self._returned = (prev, out, None if torch.compiler.is_compiling() else prev._version)
@@ -513,23 +546,24 @@ class _FusedSchedulerImpl:
             return prev, pred
         return self._output_class(prev_sample=prev, pred_original_sample=pred)
 
-    def _begin(self, model_output, sample, st, table, generator, rows: int) -> None:
-        """Buffers of one trajectory, and the one argument check of the op."""
+    def _begin(self, model_output, sample, tab: _Table, rows: int) -> _Table:
+        """Buffers of one trajectory, and the one argument check of the op (eager only: compiled,
+        the op itself checks its arguments)."""
         if not torch.is_tensor(sample) or not torch.is_tensor(model_output):
             raise ValueError(f"sample, model_output: expected tensors, got {type(sample).__name__}, {type(model_output).__name__}")
         device, shape = sample.device, tuple(sample.shape)
-        if table.device != device:  # set_timesteps without the pipeline's device: moved once
-            self._plan.device = device
-            self._tables = {key: (s, t.to(device)) for key, (s, t) in self._tables.items()}
+        plan = self._plan
+        if tab.table.device != device:  # set_timesteps without the pipeline's device: moved once
+            plan.device, plan.backend = device, ops.resolve_backend(self.config.backend, device)
+            self._tables = {key: dataclasses.replace(t, table=t.table.to(device)) for key, t in self._tables.items()}
             self.timesteps = self.timesteps.to(device)
-            self._active = (self._active[0], *self._tables[self._active[0]])
-            table = self._active[2]
-        R = st.history_slots
+            self._active = (self._active[0], self._tables[self._active[0]])
+            tab = self._active[1]
+        R = tab.history_slots
         ring = torch.zeros((R, *shape), dtype=torch.float32, device=device) if R else None
-        saved = torch.zeros(shape, dtype=torch.float32, device=device) if st.uses_saved else None
+        saved = torch.zeros(shape, dtype=torch.float32, device=device) if tab.uses_saved else None
         flags = torch.zeros((rows, 2), dtype=torch.int32, device=device)
-        backend = ops.resolve_backend(self.config.backend, device)
-        buf = {"shape": shape, "ring": ring, "saved": saved, "flags": flags, "backend": backend, "noise": None}
+        buf = {"shape": shape, "ring": ring, "saved": saved, "flags": flags, "noise": None}
         if self._pending_noise is not None:
             noise, self._pending_noise = self._pending_noise, None
             if tuple(noise.shape) != (rows, *shape):
@@ -540,10 +574,11 @@ class _FusedSchedulerImpl:
         elif self._seed.device != device:
             self._seed = self._seed.to(device)
         self._buffers = buf
-        x = sample.to(torch.float32).contiguous()
-        m = model_output.contiguous()
-        ops.check_step_args(x, m, table, 0, self._seed, self._plan.prediction, self._plan.clip, st.history_kind, ring, saved,
-                            None, torch.empty_like(x), torch.empty_like(x), flags)
+        if not torch.compiler.is_compiling():
+            x = sample.to(torch.float32).contiguous()
+            ops.check_step_args(x, model_output.contiguous(), tab.table, 0, self._seed, plan.prediction, plan.clip,
+                                tab.history_kind, ring, saved, None, torch.empty_like(x), torch.empty_like(x), flags)
+        return tab
 
     def _state_for(self, sample: torch.Tensor) -> torch.Tensor:
         """x_t as float32: our own float32 copy when ``sample`` is the low-precision tensor we returned."""

@@ -259,7 +259,7 @@ def _ab_weights(nodes, s_cur: float, s_next: float) -> np.ndarray:
 
 
 def ipndm(schedule: NoiseSchedule, tau, order: int = 4, variable: bool = False) -> SolverTable:
-    """iPNDM (Zhang & Chen 2023, DEIS paper, Sec. 4 / App.): Adams-Bashforth on the eps history
+    """iPNDM (Zhang & Chen 2023, the DEIS paper): Adams-Bashforth on the eps history
     of the DDIM ODE (Eq. 14), dxbar = eps dsigmabar with xbar = x / sqrt(alpha) and
     sigmabar = sqrt((1 - alpha) / alpha), of ``order`` (1-4) with lower-order warm-up steps:
 
@@ -295,7 +295,7 @@ def ipndm(schedule: NoiseSchedule, tau, order: int = 4, variable: bool = False) 
 
 def _unipc_b(h: float, order: int) -> np.ndarray:
     """UniPC's right-hand side b_i = i! phi_{i+1}(-h) h / B(h), i = 1..order, with the bh2 choice
-    B(h) = e^{-h} - 1 in data prediction (Zhao et al. 2023, Eq. 8 / Algorithm 2)."""
+    B(h) = e^{-h} - 1 in data prediction (Zhao et al. 2023, UniPC)."""
     hh = -h
     h_phi = math.expm1(hh) / hh - 1.0  # phi_2-like term, then the phi recursion phi_{k+1} = (phi_k - 1/k!) / hh
     B_h = math.expm1(hh)
@@ -389,7 +389,7 @@ def unipc(schedule: NoiseSchedule, tau, order: int = 2) -> SolverTable:
 
 
 def dpmpp_2m_sde(schedule: NoiseSchedule, tau, eta: float = 1.0) -> SolverTable:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022, Sec. 5; diffusers' ``sde-dpmsolver++``, midpoint),
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, SDE-DPM-Solver++(2M); diffusers' ``sde-dpmsolver++``, midpoint),
     with k-diffusion's noise amount eta (1 = the SDE, 0 = ``dpmpp_2m`` exactly):
 
         x_next = (sqrt_1m_alpha_next / sqrt_1m_alpha_k) e^{-eta h} x_t + sqrt_alpha_next (1 - e^{-(1 + eta) h}) D

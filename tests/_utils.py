@@ -61,7 +61,7 @@ class TinyConvModel(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Inputs of the one fused step op (the C++ and Triton kernels' tests share them)
 # ---------------------------------------------------------------------------------------------
-STEP_KINDS = ("ddim", "ddim_eta0.5", "ddim_eta1", "ddpm_large", "encode", "dpmpp_2m", "dpmpp_3m", "synthetic")
+STEP_KINDS = ("ddim", "ddim_eta0.5", "ddim_eta1", "ddpm_large", "encode", "dpmpp_2m", "dpmpp_3m", "synthetic", "synthetic_ring")
 OP_ARGS = ("x", "model_out", "table", "step", "seed", "prediction", "clip", "history_kind", "history", "saved", "noise",
            "out", "x0_out", "flags")  # fmt: skip
 
@@ -70,16 +70,21 @@ def solver_table(kind="ddim", steps=10):
     """The float64 ``SolverTable`` of a step kind (STEP_KINDS) on a linear T=1000 schedule.
 
     DDIM kinds use "uniform" timesteps, the multistep ones "logsnr"; "synthetic" is a random
-    4-row table that uses every column (c_saved, d_*, three eps-history terms, sigma)."""
+    4-row table that uses every column (c_saved, d_*, three eps-history terms, sigma);
+    "synthetic_ring" the same without the saved state (c_saved = d_* = 0: a ring of 3 eps, all
+    three read, so the slot written is also read, and noise)."""
     from ddim_fast import layout, solvers
     from ddim_fast.schedule import NoiseSchedule
 
     schedule = NoiseSchedule.linear(1000)
-    if kind == "synthetic":
+    if kind in ("synthetic", "synthetic_ring"):
         g = torch.Generator().manual_seed(7)
         t = torch.randn((4, layout.NUM_COLUMNS), generator=g, dtype=torch.float64) * 0.5
         sa = torch.rand(4, generator=g, dtype=torch.float64) * 0.6 + 0.3
         t[:, layout.SQRT_ALPHA], t[:, layout.SQRT_ONE_MINUS_ALPHA] = sa, (1 - sa**2).sqrt()
+        if kind == "synthetic_ring":
+            t[:, layout.C_SAVED] = 0.0
+            t[:, layout.D_X :] = 0.0
         return solvers.SolverTable(t, layout.HISTORY_KINDS["eps"])
     if kind == "encode":
         return solvers.ddim_inversion(schedule, solvers.timesteps(schedule, steps, "uniform"))

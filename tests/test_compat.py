@@ -155,11 +155,60 @@ def test_unsupported_dpm_solver_configs_rejected(kw, match):
 
 
 def test_other_schedulers_rejected_by_name():
-    from diffusers import EulerDiscreteScheduler, UniPCMultistepScheduler
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
-    for cls in (UniPCMultistepScheduler, EulerDiscreteScheduler):
+    for cls in (PNDMScheduler, EulerDiscreteScheduler):
         with pytest.raises(ValueError, match=f"{cls.__name__} is not supported"):
             FusedSampler.from_diffusers(tiny_unet(), cls(num_train_timesteps=1000), steps=10)
     # a saved config names its class
-    with pytest.raises(ValueError, match="UniPCMultistepScheduler is not supported"):
-        FusedSampler.from_diffusers(tiny_unet(), {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000})
+    with pytest.raises(ValueError, match="EulerDiscreteScheduler is not supported"):
+        FusedSampler.from_diffusers(tiny_unet(), {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000})
+
+
+@pytest.mark.parametrize(
+    "sched_kw, S",
+    [(dict(solver_order=2), 10), (dict(solver_order=3, timestep_spacing="trailing"), 12),
+     (dict(solver_order=2, timestep_spacing="leading", steps_offset=1, prediction_type="v_prediction"), 8)],
+    ids=["2-linspace", "3-trailing", "2-leading-v"],
+)
+def test_from_diffusers_unipc_equals_its_loop(sched_kw, S):
+    """UniPCMultistepScheduler (bh2, predict_x0) maps to solver "unipc"/"unipc_3" on its own timesteps."""
+    from diffusers import UniPCMultistepScheduler
+
+    unet = tiny_unet()
+    sch = UniPCMultistepScheduler(num_train_timesteps=1000, **sched_kw)
+    sch.set_timesteps(S)
+    x_T = torch.randn(2, 3, 8, 8)
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in sch.timesteps:
+            x = sch.step(unet(x, t).sample, t, x).prev_sample
+    sampler = FusedSampler.from_diffusers(unet, sch, steps=S, precision="fp32")
+    assert sampler.solver == {2: "unipc", 3: "unipc_3"}[sched_kw["solver_order"]]
+    assert torch.equal(sampler.timesteps, sch.timesteps)
+    assert_close(sampler.sample(x_T), x, atol=1e-5 * max(1.0, x.abs().max().item()), what=str(sched_kw))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [(dict(solver_type="bh1"), "solver_type='bh1'"), (dict(predict_x0=False), "predict_x0=False"),
+     (dict(disable_corrector=[1]), "disable_corrector"), (dict(solver_order=1), "solver_order=1"),
+     (dict(use_karras_sigmas=True), "use_karras_sigmas"), (dict(lower_order_final=False), "lower_order_final")],
+)
+def test_unsupported_unipc_configs_rejected(kw, match):
+    from diffusers import UniPCMultistepScheduler
+
+    with pytest.raises(ValueError, match=match):
+        FusedSampler.from_diffusers(tiny_unet(), UniPCMultistepScheduler(num_train_timesteps=1000, **kw), steps=10)
+
+
+def test_bare_config_dicts_recognised_by_their_keys():
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler
+
+    from ddim_fast.compat import default_eta, scheduler_kind
+
+    for cls in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler, PNDMScheduler,
+                EulerDiscreteScheduler):
+        assert scheduler_kind(dict(cls().config), schedule_only=True) == cls.__name__
+    assert default_eta(DDPMScheduler()) == 1.0 and default_eta(DDPMScheduler(variance_type="fixed_large")) == "ddpm_large"
+    assert default_eta(DDIMScheduler()) == 0.0

@@ -6,7 +6,7 @@ against ``reference.fused_step(..., compute_dtype=float64)`` at most 2x PyTorch'
 error (``assert_step_close``). The kernel folds each row in float64 and multiplies by
 reciprocals, so its bits are not the reference's. The noise is held to 1e-6 of
 ``reference.gaussian`` (both round float32 log/sin/cos, to within an ulp), and to the bit
-across thread counts. Each test calls ``torch.ops.ddim_fast_C`` directly, or checks that
+across thread counts and between the kernel's two generators (AVX-512 and portable). Each test calls ``torch.ops.ddim_fast_C`` directly, or checks that
 ``backend="cpp"`` resolved to it, so a fallback can never turn it into reference-vs-reference.
 
 The extension is built (or found) once per session; set DDIM_FAST_BUILD_EXT=0 to skip this file.
@@ -69,7 +69,7 @@ def test_every_row_kind(C, kind, prediction, clip):
 
 
 @pytest.mark.parametrize("dtype", MODEL_DTYPES, ids=str)
-@pytest.mark.parametrize("kind", ["ddim", "ddim_eta1", "dpmpp_3m", "synthetic"])
+@pytest.mark.parametrize("kind", ["ddim", "ddim_eta1", "dpmpp_3m", "synthetic", "synthetic_ring"])
 def test_model_output_dtypes(C, kind, dtype):
     """fp16/bf16/fp64 model outputs are read as they are (issue 17 defect 8: fp64 used to raise)."""
     args = make_step_args(kind, (3, 5, 33), prediction="v", dtype=dtype, clip=1.5)
@@ -77,7 +77,7 @@ def test_model_output_dtypes(C, kind, dtype):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("kind", ["ddim", "ddim_eta1", "dpmpp_3m", "synthetic"])
+@pytest.mark.parametrize("kind", ["ddim", "ddim_eta1", "dpmpp_3m", "synthetic", "synthetic_ring"])
 def test_odd_shapes(C, kind, shape):
     args = make_step_args(kind, shape, prediction="epsilon", seed=2**40 + 5, offset=3)
     assert_step_close(run_op(C.step, args), args, f"{kind} {shape}")
@@ -92,6 +92,9 @@ def test_every_column_with_eps_history(C, step, prediction):
     got = run_op(C.step, args)
     assert_step_close(got, args, f"synthetic row {step}")
     assert not torch.equal(got[3], args["saved"]), "the saved state was not updated"
+    ring = make_step_args("synthetic_ring", (2, 3, 50), prediction=prediction, step=step, clip=1.0)
+    assert ring["saved"] is None and ring["history"].shape[0] == 3
+    assert_step_close(run_op(C.step, ring), ring, f"synthetic_ring row {step} (the slot written is read)")
 
 
 @pytest.mark.parametrize("kind", ["ddim_eta0.5", "synthetic"])
@@ -103,7 +106,7 @@ def test_explicit_noise(C, kind):
     assert not torch.equal(got[0], philox[0]), "the explicit noise was not used"
 
 
-@pytest.mark.parametrize("kind", ["ddim", "ddim_eta1", "dpmpp_2m", "synthetic"])
+@pytest.mark.parametrize("kind", ["ddim", "ddim_eta1", "dpmpp_2m", "synthetic", "synthetic_ring"])
 def test_out_may_be_x(C, kind):
     args = make_step_args(kind, (3, 5, 1100), prediction="v", clip=2.0)
     inplace = copy_step_args(args)
@@ -141,7 +144,7 @@ def test_nan_in_the_ring_does_not_leak_where_its_coefficient_is_zero(C):
     assert torch.isnan(run_op(C.step, args)[0]).all()
 
 
-@pytest.mark.parametrize("kind", ["ddim", "ddim_eta1", "dpmpp_2m", "synthetic"])
+@pytest.mark.parametrize("kind", ["ddim", "ddim_eta1", "dpmpp_2m", "synthetic", "synthetic_ring"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
 def test_flags_for_a_non_finite_model_output(C, kind, bad):
     args = make_step_args(kind, (2, 3, 1500), dtype=torch.bfloat16)
@@ -234,7 +237,7 @@ def test_whole_trajectory_against_the_reference(C, kind):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["ddim_eta1", "dpmpp_3m", "synthetic"])
+@pytest.mark.parametrize("kind", ["ddim_eta1", "dpmpp_3m", "synthetic", "synthetic_ring"])
 def test_one_and_two_threads_give_the_same_bits(C, restore_threads, kind):
     args = make_step_args(kind, (16, 3, 32, 32), dtype=torch.bfloat16, prediction="x0", clip=1.0)
     results = []
@@ -340,6 +343,23 @@ def test_noise_matches_the_reference(C, seed, shape, step, stream, offset):
     z = C.gaussian(step_seed(seed, offset), list(shape), step, stream)
     z_ref = reference.gaussian(seed, shape, step=step, stream=stream, sample_offset=offset)
     assert_close(z, z_ref, atol=1e-6, what=f"z(seed={seed}, step={step}, stream={stream}, offset={offset})")
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 33), (2, 1000), (5, 1), (4, 3, 32, 32)], ids=str)
+def test_both_generators_give_the_same_bits(C, shape):
+    """The AVX-512 generator (where the CPU has one) and the portable one: the same IEEE
+    operations, FMAs included, in the same order."""
+    if C.noise_impl(1) != 1:
+        pytest.skip("no AVX-512 on this CPU: one generator only")
+    args = make_step_args("ddim_eta1", shape, offset=2**32 - 1)
+    try:
+        fast = C.gaussian(step_seed(2**40 + 3, 2**32 - 2), list(shape), 5, 1), run_op(C.step, args)
+        assert C.noise_impl(0) == 0
+        portable = C.gaussian(step_seed(2**40 + 3, 2**32 - 2), list(shape), 5, 1), run_op(C.step, args)
+    finally:
+        C.noise_impl(1)
+    assert torch.equal(fast[0], portable[0])
+    _same(fast[1], portable[1])
 
 
 def test_sample_two_to_the_32_is_not_sample_0(C):

@@ -52,3 +52,10 @@ def test_original_generalized_steps_replaced(steps):
 
 def test_class_conditional_guidance_example():
     assert load("class_conditional_guidance").main(batch_size=4) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")  # diffusers'
+def test_diffusers_scheduler_example():
+    diffs = load("diffusers_scheduler").main(size=8, steps=10)
+    assert set(diffs) == {"DDIMPipeline, eta=0", "DPM-Solver++(2M)"}
+    assert all(d < 1e-4 for d in diffs.values()), diffs

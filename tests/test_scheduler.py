@@ -90,6 +90,9 @@ def test_is_a_diffusers_scheduler():
 
     sched = FusedScheduler.from_config(DDIMScheduler().config)
     assert isinstance(sched, FusedScheduler) and isinstance(sched, SchedulerMixin) and isinstance(sched, ConfigMixin)
+    for source in (DDPMScheduler(), dict(DDPMScheduler().config), {"_class_name": "DDPMScheduler", "num_train_timesteps": 500}):
+        assert FusedScheduler.from_config(source).config.source_scheduler == "DDPMScheduler"
+    assert FusedScheduler.from_config(sched.config).config == sched.config  # ours, again
     assert sched.order == 1 and sched.init_noise_sigma == 1.0 and len(sched) == 1000
     x = torch.randn(2, 3, 4, 4)
     assert sched.scale_model_input(x, 10) is x
@@ -160,8 +163,12 @@ def test_philox_noise_follows_the_generator():
     pipe.scheduler = FusedScheduler.from_config(pipe.scheduler.config)
     a, b, c = images(pipe, 1, num_inference_steps=10), images(pipe, 1, num_inference_steps=10), images(pipe, 2, num_inference_steps=10)
     assert np.array_equal(a, b) and not np.allclose(a, c, atol=1e-2)
-    pipe.scheduler = FusedScheduler.from_config(pipe.scheduler.config, backend="torch")
-    assert_close(torch.from_numpy(images(pipe, 1, num_inference_steps=10)), torch.from_numpy(a), atol=1e-5, what="torch vs cpp")
+    assert pipe.scheduler.resolved_backend == "cpp"
+    for backend in ("torch", "triton"):  # triton: interpreted on CPU tensors (conftest)
+        pipe.scheduler = FusedScheduler.from_config(pipe.scheduler.config, backend=backend)
+        other = images(pipe, 1, num_inference_steps=10)
+        assert pipe.scheduler.resolved_backend == backend
+        assert_close(torch.from_numpy(other), torch.from_numpy(a), atol=1e-5, what=f"{backend} vs cpp")
 
     sched = FusedScheduler.from_config(DDPMScheduler(clip_sample=False).config)
     sched.set_timesteps(10)
@@ -380,15 +387,16 @@ def test_save_pretrained_round_trip(tmp_path):
     sched.save_pretrained(tmp_path / "s")
     back = FusedScheduler.from_pretrained(tmp_path / "s")
     assert isinstance(back, FusedScheduler)
-    strip = lambda c: {k: v for k, v in dict(c).items() if k != "_use_default_values"}  # noqa: E731
+    strip = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731 (diffusers' bookkeeping)
     assert strip(back.config) == strip(sched.config)
     for s in (sched, back):
         s.set_timesteps(12)
     assert torch.equal(back.timesteps, sched.timesteps) and back._plan == sched._plan
-    # a whole pipeline saved with our scheduler loads it back (model_index.json names ddim_fast)
-    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=sched)
-    pipe.save_pretrained(tmp_path / "p")
-    assert isinstance(DDPMPipeline.from_pretrained(tmp_path / "p").scheduler, FusedScheduler)
+    # a whole pipeline saved with our scheduler loads it back (model_index.json names ddim_fast.scheduler)
+    DDPMPipeline(unet=tiny_unet(), scheduler=sched).save_pretrained(tmp_path / "p")
+    for kw in ({}, {"scheduler": FusedScheduler.from_pretrained(tmp_path / "p", subfolder="scheduler")}):
+        loaded = DDPMPipeline.from_pretrained(tmp_path / "p", **kw)
+        assert isinstance(loaded.scheduler, FusedScheduler) and strip(loaded.scheduler.config) == strip(sched.config)
 
 
 @pytest.mark.parametrize("solver, skip", [("ipndm", "logsnr"), ("unipc", "logsnr"), ("dpmpp_2m_sde", "karras"),
@@ -425,16 +433,21 @@ def test_schedule_only_configs_sample_with_our_solver():
 
 
 def test_tuned_timesteps_file(tmp_path):
-    tune = pytest.importorskip("ddim_fast.tune", reason="ddim_fast.tune (load_tuned) has not landed")
-    if not hasattr(tune, "save_tuned"):
-        pytest.skip("ddim_fast.tune.save_tuned has not landed")
-    schedule = NoiseSchedule.from_diffusers(DDIMScheduler().config)
+    from ddim_fast import tune
+
+    schedule = NoiseSchedule.from_diffusers(DDIMScheduler(clip_sample=False).config)
     path = tmp_path / "steps.json"
-    tune.save_tuned(path, [3, 80, 250, 600, 999], schedule=schedule, solver="ipndm")
-    sched = FusedScheduler.from_config(DDIMScheduler().config, solver="ipndm", skip=str(path))
-    assert sched.config.skip == [3, 80, 250, 600, 999]
+    tune.save_tuned(path, [3, 80, 250, 600, 999], model=tiny_unet(), schedule=schedule, solver="ipndm", steps=5, info={})
+    sched = FusedScheduler.from_config(DDIMScheduler(clip_sample=False).config, solver="ipndm", skip=str(path))
+    assert sched.config.skip == [3, 80, 250, 600, 999]  # stored as timesteps: save_pretrained keeps them
     sched.set_timesteps(5)
     assert sched.timesteps.tolist() == [999, 600, 250, 80, 3]
+    with pytest.raises(ValueError, match="solver 'ipndm' in the file, 'ddim' given"):
+        FusedScheduler.from_config(DDIMScheduler(clip_sample=False).config, skip=str(path))
+    with pytest.raises(ValueError, match="tuned for another setup: schedule"):
+        FusedScheduler.from_config(DDIMScheduler(clip_sample=False, beta_schedule="scaled_linear").config, solver="ipndm", skip=str(path))
+    with pytest.raises(ValueError, match="clip_sample: the solver 'ipndm' integrates eps"):
+        FusedScheduler.from_config(DDIMScheduler(clip_sample=True).config, solver="ipndm").set_timesteps(5)
 
 
 def test_step_compiles_fullgraph_and_equals_eager():
@@ -513,14 +526,16 @@ def test_step_errors():
 )
 def test_unsupported_configs_rejected_by_name(src, kw, match):
     with pytest.raises(ValueError, match=match):
-        FusedScheduler.from_config(src(**kw).config)
+        FusedScheduler.from_config({**src().config, **kw})  # a live config (no _class_name): its keys name the class
 
 
 def test_unsupported_classes_and_options_rejected():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler is not supported"):
-        FusedScheduler.from_config(FlowMatchEulerDiscreteScheduler().config)
+        FusedScheduler.from_config(FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ValueError, match="config: the fields .*'shift'.* are not DDIMScheduler's"):
+        FusedScheduler.from_config(FlowMatchEulerDiscreteScheduler().config)  # a bare config: recognised by its keys
     with pytest.raises(ValueError, match="solver: expected one of"):
         FusedScheduler.from_config(DDIMScheduler().config, solver="heun")
     with pytest.raises(ValueError, match="skip: expected one of"):
@@ -531,3 +546,21 @@ def test_unsupported_classes_and_options_rejected():
         FusedScheduler.from_config(DPMSolverMultistepScheduler().config, eta=1.0).set_timesteps(10)
     with pytest.raises(ValueError, match="num_inference_steps: the configured timesteps"):
         FusedScheduler.from_config(DDIMScheduler().config, skip=[1, 500, 999]).set_timesteps(10)
+
+
+def test_custom_timesteps_and_nonfinite_steps():
+    unet = tiny_unet()
+    cfg = DDIMScheduler(clip_sample=False).config
+    custom, named = FusedScheduler.from_config(cfg), FusedScheduler.from_config(cfg, skip=[10, 500, 999])
+    custom.set_timesteps(timesteps=[999, 500, 10])
+    named.set_timesteps(3)
+    assert custom.timesteps.tolist() == named.timesteps.tolist() == [999, 500, 10] and custom.num_inference_steps == 3
+    x_T = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loop(custom, unet, x_T.clone()), loop(named, unet, x_T.clone()))
+    assert custom.nonfinite_steps() == []
+    custom.set_timesteps(timesteps=[999, 500, 10])
+    x = x_T.clone()
+    for k, t in enumerate(custom.timesteps):
+        m = torch.full_like(x, float("nan")) if k == 1 else torch.zeros_like(x)
+        x = custom.step(m, t, x).prev_sample
+    assert custom.nonfinite_steps() == [1, 2]  # the NaN model output at step 1, and the state it made at step 2

@@ -7,7 +7,6 @@ point (diffusers' UniPC to float32 rounding, every backend giving the same sampl
 """
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -201,7 +200,7 @@ def test_ipndm_fixed_and_variable_agree_on_equal_sigmabar_steps():
 
 
 def _unipc_paper(model, sched, tau, x_T, order):
-    """UniPC (Zhao et al. 2023, Algorithms 2-3): UniP-p with UniC-p in data prediction, B(h) = e^{-h} - 1 (bh2),
+    """UniPC (Zhao et al. 2023): UniP-p with UniC-p in data prediction, B(h) = e^{-h} - 1 (bh2),
     the predictor's order min(order, k + 1, S - k), the corrector after every step but the last."""
     a = sched.alphas_cumprod
     t_desc = list(np.asarray(tau)[::-1])
@@ -257,7 +256,7 @@ def test_unipc_matches_the_paper(order, S):
 
 
 def test_dpmpp_2m_sde_matches_the_paper_and_is_2m_at_eta_0():
-    """Lu et al. (2022) DPM-Solver++(2M) SDE, Eq. (after Prop. 5.1) in (alpha, sigma, lambda), with k-diffusion's eta."""
+    """Lu et al. (2022) SDE-DPM-Solver++(2M) in (alpha, sigma, lambda), with k-diffusion's eta."""
     sched = NoiseSchedule.linear(1000)
     model = _mixture(sched.alphas_cumprod, D=4)
     tau = solvers.timesteps(sched, 7, "logsnr")
@@ -593,3 +592,22 @@ def test_new_solvers_beat_ddim_at_6_steps_on_a_mixture():
         s = FusedSampler(model, sched, steps=6, skip="logsnr", solver=solver, precision="fp32", backend="torch")
         err[solver] = _rms(s.sample(x_T), converged)
     assert err["ipndm"] < 0.7 * err["ddim"] and err["unipc"] < 0.7 * err["ddim"], err
+
+
+@pytest.mark.parametrize("solver", ["ipndm", "unipc_3", "dpmpp_2m_sde"])
+def test_sampler_graph_loop_equals_eager(solver):
+    """The captured loop (CUDA graphs, replayed eagerly on the CPU here) gives the eager samples; a
+    second replay with another seed must not see the ring or UniPC's saved state of the first."""
+    from _utils import EagerReplayCapturer
+    from ddim_fast.graphs import GraphCache
+
+    sched = NoiseSchedule.linear(1000)
+    model = _mixture(sched.alphas_cumprod, D=6)
+    kw = dict(steps=7, solver=solver, skip="logsnr", precision="fp32", backend="torch", eta=1.0 if solver == "dpmpp_2m_sde" else 0.0)
+    eager = FusedSampler(model, sched, cuda_graph=False, **kw)
+    graphed = FusedSampler(model, sched, **kw)
+    capturer = EagerReplayCapturer()
+    graphed._graphs = GraphCache(capturer)
+    for seed in (1, 2):
+        assert torch.equal(graphed.sample(shape=(3, 6), seed=seed), eager.sample(shape=(3, 6), seed=seed)), seed
+    assert capturer.captures == 1 and capturer.replays >= 1
