@@ -105,6 +105,33 @@ def verdicts(by, mixes):
     return lines
 
 
+def readme_table(by, mixes, digits):
+    """One line per configuration: the geometric mean over the mixtures of score / DDIM quad S = 20's
+    score, and the digits FD where measured ("-" where not), for S = 5, 6, 8, 10, 20."""
+    dig = {}
+    for k, v in (digits or {}).items():
+        if "fd" in v:
+            cfg, S = _cfg("x|" + k)
+            dig[cfg, S] = v["fd"]
+    gm = {}
+    for (m, c, S), v in by.items():
+        ref = by.get((m, "ours|ddim|quad", 20))
+        if ref:
+            gm.setdefault((c, S), []).append(math.log(score(m, v) / score(m, ref)))
+    cfgs = sorted({c for c, _ in gm}, key=lambda c: (c.startswith("diffusers"), c))
+    lines = ["| config | " + " | ".join(f"S = {S}" for S in STEPS) + " |", "|---|" + "---|" * len(STEPS)]
+    for c in cfgs:
+        if c.endswith("|uniform"):
+            continue
+        cells = []
+        for S in STEPS:
+            v = gm.get((c, S))
+            g = f"{math.exp(sum(v) / len(v)):.2f}" if v and len(v) == len(mixes) else "-"
+            cells.append(g + (f" / {dig[c, S]:.2f}" if (c, S) in dig else ""))
+        lines.append(f"| {pretty(c)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def digits_table(cells):
     ns = sorted({int(k.rsplit("|n", 1)[1]) for k in cells})
     lines = []
@@ -143,9 +170,15 @@ def main(argv=None):
            ""]  # fmt: skip
     cells = json.load(open(args.mixtures))
     lines, by, mixes = mixture_tables(cells, args.n)
-    out += verdicts(by, mixes) + ["## Mixtures", ""] + lines
-    if os.path.exists(args.digits):
-        out += ["## Digits", ""] + digits_table(json.load(open(args.digits)))
+    digits = json.load(open(args.digits)) if os.path.exists(args.digits) else None
+    out += verdicts(by, mixes)
+    out += ["## README table", "",
+            "Mixture score / DDIM quad S = 20's score (geometric mean over the three mixtures; < 1 is better than "
+            "DDIM at S = 20), then the digits Frechet distance where measured (n in the digits section).", ""]
+    out += readme_table(by, mixes, digits) + [""]
+    out += ["## Mixtures", ""] + lines
+    if digits:
+        out += ["## Digits", ""] + digits_table(digits)
     with open(args.out, "w") as f:
         f.write("\n".join(out) + "\n")
 

@@ -58,7 +58,7 @@ def _record(info: dict, times: dict, ratios: dict, bytes_per_element: int) -> st
             if num in t and den in t:
                 info[f"{key}_{stat}"] = t[num] / t[den]
     info["GB_per_s"] = bytes_per_element * torch.Size(SHAPE).numel() / statistics.median(times["cpp-op"]) / 1e9
-    ratio_text = ", ".join(f"{k} {v:.2f}" for k, v in info.items() if k.startswith(("speedup", "time_vs")))
+    ratio_text = ", ".join(f"{k} {v:.2f}" for k, v in info.items() if k.startswith(("speedup", "time_")))
     return f"{ratio_text}; {info['GB_per_s']:.0f} GB/s"
 
 

@@ -213,8 +213,13 @@ def fused_step(x, model_out, table, step: int, seed, prediction: int, clip: floa
     if history is not None:
         history[step % history.shape[0]].copy_(eps if history_kind == layout.HISTORY_KINDS["eps"] else x0)
     if flags is not None:
-        flags[step, layout.FLAG_MODEL] = (~torch.isfinite(m)).any().to(flags.dtype)
-        flags[step, layout.FLAG_STATE] = (~torch.isfinite(x_next)).any().to(flags.dtype)
+        # Judged in float32, the kernels' arithmetic and the state's storage, whatever compute_dtype is.
+        # Judged in float32, the kernels' arithmetic and the state's storage, whatever compute_dtype is;
+        # a flag is only ever set, never cleared, as by the kernels.
+        bad_model = (~torch.isfinite(model_out.to(torch.float32))).any().to(flags.dtype)
+        bad_state = (~torch.isfinite(x_next.to(torch.float32))).any().to(flags.dtype)
+        flags[step, layout.FLAG_MODEL] |= bad_model
+        flags[step, layout.FLAG_STATE] |= bad_state
     out.copy_(x_next)
     if x0_out is not None:
         x0_out.copy_(x0)

@@ -320,7 +320,7 @@ class _FusedSchedulerImpl:
         self._step_index: Optional[int] = None
         self._begin_index: Optional[int] = None
         self._row0 = 0  # the table's row 0 is this step (set_begin_index rebuilds the table)
-        self._active = None  # (table key, SolverTable, device table) of the running trajectory
+        self._active = None  # (table key, _Table) of the running trajectory
         self._buffers = None
         self._returned = None
         self._seed_pending = True
@@ -333,6 +333,10 @@ class _FusedSchedulerImpl:
         when the loop runs under torch.compile or CUDA-graph capture)."""
         if unused.get("sigmas") is not None:
             raise ValueError("sigmas: not supported (pass timesteps=)")
+        # Re-read: pipelines edit an outdated config in place (StableDiffusionPipeline sets steps_offset=1).
+        self._source = _source_of(dict(self.config))
+        if self._fixed_eta is None:
+            self._default_eta = compat.default_eta(self._source)
         T = self.schedule.T
         if timesteps is not None:
             if num_inference_steps is not None:
