@@ -106,6 +106,7 @@ setup(
             "pytest>=7.0",
             "pytest-benchmark>=4.0",
             "diffusers>=0.30",
+            "transformers>=4.40",  # a StableDiffusionPipeline assembled from configs (CLIP text encoder) in the tests
             "scikit-learn>=1.2",
             "scipy>=1.10",
             "matplotlib>=3.5",

@@ -345,7 +345,8 @@ class _FusedSchedulerImpl:
             if desc.size < 1 or (np.diff(desc) >= 0).any() or desc[0] >= T or desc[-1] < 0:
                 raise ValueError(f"timesteps: expected strictly decreasing timesteps in [0, {T}), got {desc.tolist()}")
             S = int(desc.size)
-        elif isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= T:
+        elif (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer))
+              or not 1 <= num_inference_steps <= T):
             raise ValueError(f"num_inference_steps: expected an integer in [1, T={T}], got {num_inference_steps!r}")
         else:
             S = int(num_inference_steps)
@@ -416,8 +417,11 @@ class _FusedSchedulerImpl:
         if key not in self._tables:
             tau = np.asarray(plan.tau_desc[self._row0 :][::-1], dtype=np.int64)
             st = solvers.build(plan.solver, self.schedule, tau, eta)
-            if plan.clip > 0 and st.history_kind == layout.HISTORY_KINDS["eps"] and not bool(st.table[:, [layout.C_X0, layout.D_X0]].any()):
-                raise ValueError(f"clip_sample: the solver {plan.solver!r} integrates eps and never uses the x0-prediction; use solver='ddim'")
+            uses_x0 = bool(st.table[:, [layout.C_X0, layout.D_X0]].any()) or st.history_kind == layout.HISTORY_KINDS["x0"]
+            if plan.clip > 0 and not uses_x0:
+                raise ValueError(
+                    f"clip_sample: the solver {plan.solver!r} integrates eps and never uses the x0-prediction; use solver='ddim'"
+                )
             if rederive:
                 st = _eps_from_clipped_x0(st)
             st.check("schedule")

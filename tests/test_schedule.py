@@ -6,7 +6,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from ddim_fast import FusedSampler, NoiseSchedule
-from ddim_fast.schedule import inverse_step_table, select_timesteps, sigmas_for_eta, step_table
+from ddim_fast import layout, solvers
+from ddim_fast.schedule import select_timesteps, sigmas_for_eta
 
 
 @pytest.mark.parametrize(
@@ -110,29 +111,32 @@ def test_sigma_eta_matches_diffusers_variance():
     sch = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="leading", steps_offset=0, set_alpha_to_one=True)
     sch.set_timesteps(50)
     tau = select_timesteps(1000, 50, "uniform")
-    table = step_table(s, tau, eta=0.7)
+    table = solvers.ddim(s, tau, eta=0.7).table
     for k, t in enumerate(sch.timesteps.tolist()):
         prev = t - 1000 // 50
         expected = 0.7 * float(sch._get_variance(t, prev)) ** 0.5
-        assert table[k, 4].item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
+        assert table[k, layout.SIGMA].item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
 
 def test_table_rows_are_eq12_coefficients():
     s = NoiseSchedule.linear(1000)
     tau = np.array([0, 250, 500, 999])
-    tab = step_table(s, tau, eta=1.0)
+    tab = solvers.ddim(s, tau, eta=1.0).table
     a = s.alphas_cumprod
+    cols = [layout.SQRT_ALPHA, layout.SQRT_ONE_MINUS_ALPHA, layout.C_X0, layout.C_EPS, layout.SIGMA]
     # row 0: t = 999 -> prev = 500
     at, ap = a[999], a[500]
     sigma = ((1 - ap) / (1 - at) * (1 - at / ap)).sqrt()
     expected = torch.stack([at.sqrt(), (1 - at).sqrt(), ap.sqrt(), (1 - ap - sigma**2).sqrt(), sigma])
-    assert torch.allclose(tab[0], expected, rtol=1e-12)
+    assert torch.allclose(tab[0, cols], expected, rtol=1e-12)
+    others = [c for c in range(layout.NUM_COLUMNS) if c not in cols]
+    assert (tab[:, others] == 0).all()  # DDIM reads x_t only through the model: no c_x, ring or saved state
     # last row lands on alpha := 1 with no noise: it returns the x0-prediction
-    assert tab[-1, 2] == 1.0 and tab[-1, 3] == 0.0 and tab[-1, 4] == 0.0
+    assert tab[-1, layout.C_X0] == 1.0 and tab[-1, layout.C_EPS] == 0.0 and tab[-1, layout.SIGMA] == 0.0
     # eta = 1 with consecutive timesteps is DDPM's posterior variance beta_tilde
-    full = step_table(s, np.arange(1000), eta=1.0)
+    full = solvers.ddim(s, np.arange(1000), eta=1.0).table
     beta_tilde = (1 - a[:-1]) / (1 - a[1:]) * s.betas[1:]
-    assert torch.allclose(full[:-1, 4].flip(0) ** 2, beta_tilde, rtol=1e-10)
+    assert torch.allclose(full[:-1, layout.SIGMA].flip(0) ** 2, beta_tilde, rtol=1e-10)
 
 
 def test_ddpm_large_sigma_hat_and_posterior_mean():
@@ -157,8 +161,9 @@ def test_eta_above_one_rejected_where_eq12_breaks():
 def test_inverse_table_starts_from_data():
     s = NoiseSchedule.linear(1000)
     tau = np.array([0, 100, 999])
-    inv = inverse_step_table(s, tau)
-    assert inv[0, 0] == 1.0 and inv[0, 1] == 0.0  # first step starts at alpha = 1: x is the data
-    assert torch.allclose(inv[1:, 0] ** 2, s.alphas_cumprod[tau[:-1]])
-    assert torch.allclose(inv[:, 2] ** 2, s.alphas_cumprod[tau])
-    assert (inv[:, 4] == 0).all()
+    inv = solvers.ddim_inversion(s, tau).table
+    assert inv[0, layout.SQRT_ALPHA] == 1.0 and inv[0, layout.SQRT_ONE_MINUS_ALPHA] == 0.0  # starts at alpha = 1: the data
+    assert torch.allclose(inv[1:, layout.SQRT_ALPHA] ** 2, s.alphas_cumprod[tau[:-1]])
+    assert torch.allclose(inv[:, layout.C_X0] ** 2, s.alphas_cumprod[tau])
+    assert torch.allclose(inv[:, layout.C_EPS] ** 2, 1 - s.alphas_cumprod[tau])
+    assert (inv[:, layout.SIGMA] == 0).all()
