@@ -91,6 +91,16 @@ def verdicts(by, mixes):
             lines.append(f"| {S} | DDIM S={ref_S} | {mix} | {pretty(ours[1])} {ours[0]:.3f} | {ours[0] / r_ref:.2f} | {pretty(theirs[1])} "
                          f"{theirs[0]:.3f} | {theirs[0] / r_ref:.2f} | <= {allowed}x and <= diffusers | {'yes' if met else 'no'} |")
     lines.append("")
+    for mix in mixes:  # how far the deterministic proxy (ODE distance) ranks cells like the distribution score
+        pairs = [(score(m, v), v["ode"]) for (m, c, S), v in by.items() if m == mix]
+        if len(pairs) > 2:
+            import numpy as np
+
+            a, b = (np.argsort(np.argsort(np.asarray(x))) for x in zip(*pairs))
+            rho = float(np.corrcoef(a, b)[0, 1])
+            lines.append(f"- {mix}: Spearman rank correlation between the score and the ODE-distance proxy over its "
+                         f"{len(pairs)} cells: {rho:.2f}")
+    lines.append("")
     lines.append("Recommended per S (geometric mean over the mixtures of score / DDIM quad S = 20's score, lowest first):")
     lines.append("")
     for S in STEPS:
@@ -162,6 +172,7 @@ def main(argv=None):
     p.add_argument("--mixtures", default="docs/results/quality_mixtures.json")
     p.add_argument("--digits", default="docs/results/quality_digits.json")
     p.add_argument("--n", type=int, default=20000)
+    p.add_argument("--time-to-quality", default="docs/results/time_to_quality.json")
     p.add_argument("--out", default="docs/results/quality.md")
     args = p.parse_args(argv)
     out = ["# Fewer model calls at the same quality (issue 15)", "",
@@ -179,6 +190,21 @@ def main(argv=None):
     out += ["## Mixtures", ""] + lines
     if digits:
         out += ["## Digits", ""] + digits_table(digits)
+    if os.path.exists(args.time_to_quality):
+        out += ["## Time to DDIM S = 50's quality (bench/test_bench_time_to_quality.py)", "",
+                f"`pytest bench/test_bench_time_to_quality.py --benchmark-only --benchmark-json {args.time_to_quality}`: "
+                "the smallest S at which each method's RMS distance to the converged ODE solution (same x_T, digits UNet) "
+                "reaches DDIM's at S = 50, then each timed at its S, interleaved in the same run (fp32, eager, "
+                "median of 5 rounds; ratio = median over rounds of diffusers' best / ours' best).", "",
+                "| DDIM reference | target RMS | method: S needed, median ms | best ours vs best diffusers | vs DDIM S = 50 |",
+                "|---|---|---|---|---|"]  # fmt: skip
+        for b in json.load(open(args.time_to_quality))["benchmarks"]:
+            e = b["extra_info"]
+            methods = ", ".join(f"{k} {e['steps_needed'][k]} / {v * 1e3:.0f}" for k, v in e["median_s"].items())
+            out.append(f"| {b['name'].split('[')[-1].rstrip(']')} | {e['target_rms']:.4f} | {methods} | "
+                       f"{e['best_ours']} vs {e['best_diffusers']}: {e['speedup_vs_best_diffusers']:.2f}x | "
+                       f"{e['speedup_vs_ddim50']:.2f}x |")
+        out.append("")
     with open(args.out, "w") as f:
         f.write("\n".join(out) + "\n")
 

@@ -27,7 +27,7 @@ from _timing import interleaved_seconds, paired_ratio, sync
 from ddim_fast import FusedSampler, NoiseSchedule
 from ddim_fast.compile import maybe_compile
 
-S, B, ROUNDS = 20, 8, 3
+S, B, ROUNDS = 20, 8, 5
 
 
 def _small_unet():

@@ -26,34 +26,37 @@ from typing import Callable, Optional, Union
 
 import torch
 
-__all__ = ["MODES", "CompiledModel", "maybe_compile", "compile_pays_off"]
+__all__ = ["MODES", "CompiledModel", "maybe_compile", "compile_pays_off", "break_even_calls"]
 
 MODES = (False, True, "auto")
 
-# "auto" on a CPU: compile only when the trajectory calls the model at least this often. On
-# this project's 2-core EPYC (avx512_bf16), the bench UNet (diffusers UNet2DModel, 5.4M
-# parameters, 8x3x32x32) compiled in COLD_COMPILE_S seconds with a cold inductor cache and
-# then saved SAVED_MS_PER_CALL ms per call against eager (medians of paired rounds,
-# bench/measure_compile.py per-call), so compiling pays for itself after
-# COLD_COMPILE_S / SAVED_MS_PER_CALL * 1e3 calls (docs/results/compile.md).
-COLD_COMPILE_S = 50.0
-SAVED_MS_PER_CALL = 30.0
-CPU_BREAK_EVEN_CALLS = math.ceil(COLD_COMPILE_S / SAVED_MS_PER_CALL * 1e3)
+# The rule of "auto": compile when the caller expects at least cold_s / saved_ms * 1e3 model
+# calls, from figures measured per device type: (first compiled call with a cold inductor
+# cache in s, ms saved per model call at the default precision). On this project's CPU (2-core
+# EPYC, avx512_bf16, shared with 7 other jobs; bench UNet = diffusers UNet2DModel 5.4M,
+# 8x3x32x32, S = 20, bench/test_bench_sampler.py, 1 thread) the compiled defaults (bf16
+# autocast) took 121 s to their first trajectory and then ran no faster than eager (2.80 vs
+# 2.77 s a trajectory, -1.2 ms a call); one call alone gained 9.5 of 407 ms (2%,
+# bench/measure_compile.py per-call). So "auto" never compiles on a CPU. No figure has been
+# measured on a GPU yet (bench/gpu_check.py measures both): "auto" leaves CUDA models eager.
+MEASURED = {"cpu": (121.0, -1.2)}
+
+
+def break_even_calls(device) -> Optional[int]:
+    """Model calls after which compiling has paid for itself on ``device``; None: never measured to."""
+    cold_s, saved_ms = MEASURED.get(torch.device(device).type, (None, None))
+    if cold_s is None or saved_ms <= 0:
+        return None
+    return math.ceil(cold_s / saved_ms * 1e3)
+
 
 def compile_pays_off(device, expected_calls: Optional[int]) -> bool:
-    """The rule of ``mode="auto"``: has compiling been measured to pay off for this many calls?
-
-    CPU: at least ``CPU_BREAK_EVEN_CALLS`` model calls (one sampler call of S steps on n batches
-    makes S * n). CUDA: never yet, because no compile time or per-call saving has been measured
-    on a GPU (bench/gpu_check.py measures both; the rule follows its numbers).
-    """
-    if expected_calls is None:
-        return False
-    if isinstance(expected_calls, bool) or not isinstance(expected_calls, int) or expected_calls < 0:
+    """The rule of ``mode="auto"``: at least ``break_even_calls(device)`` expected model calls
+    (one sampler call of S steps on n batches makes S * n); False when that number is unknown."""
+    if expected_calls is not None and (isinstance(expected_calls, bool) or not isinstance(expected_calls, int) or expected_calls < 0):
         raise ValueError(f"expected_calls: expected None or an int >= 0, got {expected_calls!r}")
-    if torch.device(device).type == "cpu":
-        return expected_calls >= CPU_BREAK_EVEN_CALLS
-    return False
+    needed = break_even_calls(device)
+    return expected_calls is not None and needed is not None and expected_calls >= needed
 
 
 # SHAPES: dynamic=False, one static graph per input shape. On the bench UNet at 8x3x32x32 (2

@@ -36,18 +36,23 @@ def fake_compile(monkeypatch):
     return state
 
 
-def test_false_and_auto_without_enough_calls_return_the_model_itself():
+def test_false_and_auto_where_compile_was_not_measured_to_pay_return_the_model_itself(fake_compile):
     model = Affine()
     assert C.maybe_compile(model, False, "cpu") is model
-    assert C.maybe_compile(model, "auto", "cpu") is model  # the number of calls is unknown
-    assert C.maybe_compile(model, "auto", "cpu", expected_calls=C.CPU_BREAK_EVEN_CALLS - 1) is model
-    # no compile time or saving has been measured on a GPU yet: "auto" leaves CUDA models eager
-    assert C.maybe_compile(model, "auto", "cuda", expected_calls=10**9) is model
+    # measured on this project's CPU: no saving per call, so never; never measured on a GPU
+    assert C.break_even_calls("cpu") is None and C.break_even_calls("cuda") is None
+    for device in ("cpu", "cuda"):
+        assert C.maybe_compile(model, "auto", device, expected_calls=10**9) is model
+    assert fake_compile["kwargs"] is None
 
 
-def test_auto_compiles_on_cpu_from_the_break_even_point(fake_compile):
+def test_auto_compiles_from_the_break_even_point(fake_compile, monkeypatch):
+    monkeypatch.setitem(C.MEASURED, "cuda", (30.0, 2.0))  # 30 s to compile, 2 ms saved a call
     model = Affine()
-    wrapped = C.maybe_compile(model, "auto", "cpu", expected_calls=C.CPU_BREAK_EVEN_CALLS)
+    assert C.break_even_calls("cuda:0") == 15000
+    assert C.maybe_compile(model, "auto", "cuda", expected_calls=14999) is model
+    assert C.maybe_compile(model, "auto", "cuda") is model  # the number of calls is unknown
+    wrapped = C.maybe_compile(model, "auto", "cuda", expected_calls=15000)
     assert isinstance(wrapped, C.CompiledModel) and wrapped.model is model
 
 

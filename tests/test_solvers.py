@@ -526,7 +526,7 @@ def test_karras_timesteps_follow_sigma_to_the_one_over_rho():
 
 
 @DIFFUSERS_WARNINGS
-@pytest.mark.parametrize("S", [5, 6, 8, 10, 20, 50])
+@pytest.mark.parametrize("S", [5, 6, 8, 10, 20, 50, 100, 200])  # diffusers merges timesteps from S = 100 on
 def test_karras_timesteps_match_diffusers(S):
     diffusers = pytest.importorskip("diffusers")
     scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", use_karras_sigmas=True)
@@ -535,8 +535,10 @@ def test_karras_timesteps_match_diffusers(S):
     ours = solvers.timesteps(NoiseSchedule.from_diffusers(scheduler), S, "karras")
     if len(np.unique(theirs)) == S:
         assert ours.tolist() == theirs.tolist()
-    else:  # diffusers runs merged timesteps twice; ours pushes them apart
-        assert len(ours) == S and set(theirs.tolist()) <= set(ours.tolist()) | {int(t) for t in theirs if (theirs == t).sum() > 1}
+    else:  # diffusers runs timesteps that rounding merged twice; ours pushes them apart, by at most the merged count
+        merged = S - len(np.unique(theirs))
+        assert len(np.unique(ours)) == S and np.abs(ours - theirs).max() <= merged
+        assert ours[-S // 5 :].tolist() == theirs[-S // 5 :].tolist()  # the noisy end is untouched
 
 
 # --------------------------------------------------------------------------------------------
