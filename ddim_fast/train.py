@@ -16,33 +16,16 @@ every rank's state), ``--resume`` continues bit for bit, and ``torchrun --nproc_
 with the same global batch sees the same samples, timesteps and noise as one process (without
 dropout it gives the same weights up to float summation order; with dropout the masks differ).
 
-Checkpoints (no pickle anywhere)
---------------------------------
-``<out>/checkpoint-<step>.safetensors`` holds the tensors (``model/*``, ``ema/*`` and the Adam
-state flattened as ``optim/<param index>/<name>``); ``<out>/checkpoint.json`` holds the model
-config, the schedule, the data normalisation, the training config, the step, the optimizer's
-param groups, and the file name and SHA-256 of the weights. Both are written through a
-temporary file and ``os.replace``; the JSON is written last and names the weights it belongs
-to, so a kill at any moment leaves the previous complete checkpoint. Loading checks the hash,
-so a truncated or edited weights file is a clear error rather than garbage.
-
-A checkpoint read from disk is untrusted input: its ``weights`` entry must be the plain name of
-a ``.safetensors`` file in the JSON's own folder (no ``/``, no ``..``, no absolute path, no
-symbolic link that leads out of the folder), its model config is bounded (``nn.unet.LIMITS``)
-and built on the meta device first, and the tensor names, shapes and dtypes declared in the
-safetensors header are checked against that config before a byte of weights is read or a real
-layer allocated.
+Checkpoints: ``ddim_fast.checkpoints`` (safetensors + JSON, no pickle, read as untrusted input).
 
 Runs are never overwritten
 --------------------------
-``train`` into a folder that already holds a run (``checkpoint.json``, ``checkpoint-*``,
-``metrics.jsonl`` or ``samples/``) refuses unless told what to do: ``resume=True`` continues it,
-``fresh=True`` starts a new run after moving the old run's files into ``<out>/previous-<UTC
-time>/`` (a complete, loadable checkpoint folder; nothing is deleted). A resumed run keeps every
-setting of its checkpoint: ``TrainConfig.from_checkpoint(out, **changes)`` builds its config,
-only the fields in ``RESUMABLE`` (length and bookkeeping) may change, and any other difference
-is an error naming the field. A resume whose target the run has already reached does nothing
-and says so (``already_finished`` in the summary).
+``train`` into a folder that already holds a run (``RUN_FILES``, ``checkpoint-*``) refuses
+unless told: ``resume=True`` continues it, ``fresh=True`` first moves its files into
+``<out>/previous-<UTC time>/`` (still loadable; nothing is deleted). A resumed run keeps every
+setting of its checkpoint (``TrainConfig.from_checkpoint(out, **changes)``): only ``RESUMABLE``
+fields may change, any other difference is an error naming it, and a run that already reached
+its target does nothing and says so (``already_finished``).
 """
 
 from __future__ import annotations
@@ -54,7 +37,6 @@ import json
 import math
 import numbers
 import os
-import re
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -62,9 +44,17 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+# Re-exported: ddim_fast.train was their home; the private helpers read checkpoints for resume.
+from ddim_fast.checkpoints import ASSET_PATH, CHECKPOINT_FORMAT, MAX_T, CheckpointError, export_model  # noqa: F401
+from ddim_fast.checkpoints import load_model, read_checkpoint, schedule_from_config, write_checkpoint  # noqa: F401
+from ddim_fast.checkpoints import _WEIGHTS_FILE, _check_fit, _load_weights, _model_shapes, _open_checkpoint
+from ddim_fast.checkpoints import _read_meta, _read_tensors, _sub
 from ddim_fast.data import atomic_write_bytes, load_dataset, save_grid
 from ddim_fast.nn.unet import UNet
 from ddim_fast.schedule import NoiseSchedule
+
+# The file names a training run owns in its --out folder (what "a run is already there" means).
+RUN_FILES = ("checkpoint.json", "metrics.jsonl", "samples")
 
 __all__ = [
     "TrainConfig",
@@ -80,21 +70,6 @@ __all__ = [
     "ASSET_PATH",
     "CHECKPOINT_FORMAT",
 ]
-
-CHECKPOINT_FORMAT = "ddim_fast.checkpoint"
-CHECKPOINT_VERSION = 1
-ASSET_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits.json")
-# The file names a training run owns in its --out folder (what "a run is already there" means).
-RUN_FILES = ("checkpoint.json", "metrics.jsonl", "samples")
-_WEIGHTS_FILE = re.compile(r"checkpoint-\d{8,}\.safetensors")
-# Schedules longer than this are refused: 1e6 float64 betas are 8 MB, a T from a hand-edited
-# file must not allocate without bound (the DDPM / DDIM papers use T = 1000).
-MAX_T = 1_000_000
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, edited or does not match its config."""
-
 
 # --------------------------------------------------------------------------------------------
 # configuration
@@ -276,39 +251,6 @@ def schedule_config(cfg: TrainConfig) -> Dict[str, Any]:
     return {"kind": "linear", "T": cfg.T, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end}
 
 
-def schedule_from_config(d: Dict[str, Any]) -> NoiseSchedule:
-    """The NoiseSchedule a checkpoint's ``schedule`` entry describes: ``{"kind": "linear" |
-    "cosine" | "scaled_linear", ...their arguments}`` or ``{"kind": "betas", "betas": [...]}``."""
-    if not isinstance(d, dict) or "kind" not in d:
-        raise CheckpointError(f"schedule: expected a dict with a 'kind', got {d!r}")
-    d = dict(d)
-    kind = d.pop("kind")
-    makers = {"linear": NoiseSchedule.linear, "cosine": NoiseSchedule.cosine, "scaled_linear": NoiseSchedule.scaled_linear}
-    if kind == "betas":
-        if "betas" not in d:
-            raise CheckpointError("schedule: kind 'betas' needs the key 'betas' (a list of T floats in (0, 1)), which is missing")
-        betas = d.pop("betas")
-        if d:
-            raise CheckpointError(f"schedule: unknown key(s) {sorted(d)} for kind 'betas'; expected only 'betas'")
-        if not isinstance(betas, list) or not 1 <= len(betas) <= MAX_T or not all(
-            isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas
-        ):
-            raise CheckpointError(f"schedule: 'betas' must be a list of 1 to {MAX_T} numbers in (0, 1)")
-        try:
-            return NoiseSchedule.from_betas(betas)
-        except ValueError as e:
-            raise CheckpointError(f"schedule: {e}") from e
-    if kind not in makers:
-        raise CheckpointError(f"schedule: unknown kind {kind!r}; expected one of {sorted(makers) + ['betas']}")
-    T = d.get("T", 1000)
-    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_T:
-        raise CheckpointError(f"schedule: 'T' must be an integer in [1, {MAX_T}], got {T!r}")
-    try:
-        return makers[kind](**d)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"schedule: bad arguments for {kind!r}: {e}") from e
-
-
 def model_from_train_config(cfg: TrainConfig, channels: int, size: int) -> UNet:
     attn = cfg.attn_resolutions
     if attn is None:
@@ -323,254 +265,6 @@ def model_from_train_config(cfg: TrainConfig, channels: int, size: int) -> UNet:
         dropout=cfg.dropout,
         num_groups=cfg.num_groups,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoint files
-# --------------------------------------------------------------------------------------------
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_checkpoint(json_path: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any], weights_name: Optional[str] = None) -> None:
-    """Write ``tensors`` (safetensors) then ``meta`` (JSON naming them), each atomically.
-
-    ``weights_name`` defaults to the JSON's stem + ``.safetensors``; the weights go next to the JSON.
-    """
-    from safetensors.torch import save
-
-    folder = os.path.dirname(os.path.abspath(json_path))
-    if weights_name is None:
-        weights_name = os.path.splitext(os.path.basename(json_path))[0] + ".safetensors"
-    _check_weights_name(weights_name, "write_checkpoint")
-    blob = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-    atomic_write_bytes(os.path.join(folder, weights_name), blob)
-    meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **meta, "weights": weights_name, "sha256": _sha256(blob)}
-    atomic_write_bytes(json_path, (json.dumps(meta, indent=1) + "\n").encode())
-
-
-def _resolve_checkpoint_json(path: Optional[str]) -> str:
-    if path is None:
-        return ASSET_PATH
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        cand = os.path.join(path, "checkpoint.json")
-        if not os.path.isfile(cand):
-            raise CheckpointError(f"ckpt: folder {path!r} holds no checkpoint.json (is it a training --out folder?)")
-        return cand
-    if path.endswith(".safetensors"):
-        stem = path[: -len(".safetensors")] + ".json"
-        if os.path.isfile(stem):
-            return stem
-        cand = os.path.join(os.path.dirname(path) or ".", "checkpoint.json")
-        if os.path.isfile(cand):
-            return cand
-        raise CheckpointError(f"ckpt: no JSON config next to {path!r} (looked for {stem!r} and {cand!r})")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"ckpt: {path!r} does not exist")
-    return path
-
-
-def _read_meta(json_path: str) -> Dict[str, Any]:
-    """A checkpoint JSON, parsed and checked for its format, version and required entries."""
-    try:
-        with open(json_path, "rb") as f:
-            meta = json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint config {json_path!r} is not valid JSON (truncated or edited?): {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint config {json_path!r} is not a {CHECKPOINT_FORMAT} file")
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint config {json_path!r} has version {meta.get('version')!r}, expected {CHECKPOINT_VERSION}")
-    for key in ("weights", "sha256", "model", "schedule"):
-        if key not in meta:
-            raise CheckpointError(f"checkpoint config {json_path!r} lacks the entry {key!r}")
-    return meta
-
-
-def _check_weights_name(name: Any, where: str) -> str:
-    """A plain ``*.safetensors`` file name: no folder part, no ``..``, not absolute."""
-    if (
-        not isinstance(name, str)
-        or not name.endswith(".safetensors")
-        or name.startswith(".")
-        or "/" in name
-        or "\\" in name
-        or "\0" in name
-        or os.path.isabs(name)
-        or os.path.basename(name) != name
-    ):
-        raise CheckpointError(
-            f"{where}: 'weights' must be the plain name of a .safetensors file in the checkpoint's own folder "
-            f"(no '/', no '..', not absolute), got {name!r}"
-        )
-    return name
-
-
-def _weights_path(json_path: str, meta: Dict[str, Any]) -> str:
-    """The weights file a checkpoint JSON names, which must lie inside the JSON's folder.
-
-    Every check here is on the name and on the link itself, never on what it points to, so the
-    errors reveal nothing about files outside the folder (not whether they exist, nor their size).
-    """
-    name = _check_weights_name(meta["weights"], f"checkpoint config {json_path!r}")
-    folder = os.path.realpath(os.path.dirname(os.path.abspath(json_path)))
-    path = os.path.join(folder, name)
-    real = os.path.realpath(path)
-    if os.path.commonpath([folder, real]) != folder:
-        raise CheckpointError(
-            f"checkpoint config {json_path!r}: 'weights' {name!r} is a symbolic link that leads outside the "
-            "checkpoint's folder; the weights must live inside it"
-        )
-    if not os.path.isfile(real):
-        raise CheckpointError(f"checkpoint weights {name!r} named by {json_path!r} do not exist (or are not a file)")
-    return real
-
-
-# dtypes a weights file may declare (the safetensors header's names); all load as float32.
-_WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")
-
-
-def _read_header(weights: str) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
-    """{name: (dtype, shape)} from a safetensors header, without reading the tensor data."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(weights, framework="pt") as f:
-            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(
-            f"checkpoint weights {weights!r} are not a valid safetensors file: the file is truncated, corrupt or "
-            f"was edited ({e})"
-        ) from e
-
-
-def _check_fit(shapes: Dict[str, Tuple[int, ...]], header, prefix: str, what: str) -> None:
-    """The header's ``prefix*`` tensors have exactly the names and shapes of the model's state dict."""
-    got = {k[len(prefix) :]: v for k, v in header.items() if k.startswith(prefix)}
-    missing = sorted(set(shapes) - set(got))
-    unexpected = sorted(set(got) - set(shapes))
-    wrong = [f"{k}: {got[k][1]} vs {v}" for k, v in shapes.items() if k in got and got[k][1] != v]
-    dtypes = sorted({d for k, (d, _) in got.items() if d not in _WEIGHT_DTYPES})
-    if missing or unexpected or wrong or dtypes:
-        raise CheckpointError(
-            f"{what}: the weights do not fit the model config"
-            + (f"; missing {missing[:3]}{'...' if len(missing) > 3 else ''}" if missing else "")
-            + (f"; unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}" if unexpected else "")
-            + (f"; wrong shapes (file vs config) {wrong[:3]}" if wrong else "")
-            + (f"; dtypes {dtypes} (expected one of {list(_WEIGHT_DTYPES)})" if dtypes else "")
-        )
-
-
-def _model_shapes(config: Any, where: str) -> Dict[str, Tuple[int, ...]]:
-    try:
-        return UNet.state_shapes(config)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"checkpoint config {where!r}: bad model config: {e}") from e
-
-
-def _read_tensors(json_path: str, meta: Dict[str, Any], weights: str, verify: bool) -> Dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    with open(weights, "rb") as f:
-        blob = f.read()
-    if verify and _sha256(blob) != meta["sha256"]:
-        raise CheckpointError(
-            f"checkpoint weights {weights!r} do not match the SHA-256 recorded in {json_path!r} "
-            f"({len(blob)} bytes): the file is truncated, corrupt or was edited"
-        )
-    try:
-        return load(blob)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint weights {weights!r} are not a valid safetensors file: {e}") from e
-
-
-def _open_checkpoint(path: Optional[str]) -> Tuple[str, Dict[str, Any], str, Dict[str, Tuple[str, Tuple[int, ...]]]]:
-    """(json path, meta, weights path, header): everything but the tensor data, all checked."""
-    json_path = _resolve_checkpoint_json(path)
-    if path is None and not os.path.isfile(json_path):
-        raise CheckpointError(f"the embedded model {json_path!r} is missing from this installation")
-    meta = _read_meta(json_path)
-    weights = _weights_path(json_path, meta)
-    return json_path, meta, weights, _read_header(weights)
-
-
-def read_checkpoint(path: Optional[str] = None, *, verify: bool = True) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
-    """(meta, tensors) of a checkpoint: a training folder, its ``.json`` or its ``.safetensors``;
-    None = the embedded digits model. Never unpickles; checks the SHA-256 the JSON records."""
-    json_path, meta, weights, _ = _open_checkpoint(path)
-    tensors = _read_tensors(json_path, meta, weights, verify)
-    meta["_json_path"] = json_path
-    return meta, tensors
-
-
-def _sub(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], what: str) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{what}: the weights do not fit the model config"
-            + (f"; missing {missing[:3]}{'...' if len(missing) > 3 else ''}" if missing else "")
-            + (f"; unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}" if unexpected else "")
-            + (f"; wrong shapes {wrong[:3]}" if wrong else "")
-        )
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-
-
-def load_model(path: Optional[str] = None, *, device="cpu", weights: str = "ema") -> Tuple[UNet, NoiseSchedule]:
-    """(model in eval mode, schedule) from a checkpoint; ``path=None`` is the embedded digits model
-    in ``ddim_fast/assets/``. ``weights="ema"`` (default, the sampling weights) or ``"model"``.
-
-    The schedule, the model config (on the meta device) and the safetensors header are checked
-    before the weights are read, so a hand-edited config fails in milliseconds, not after
-    allocating the model it describes."""
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights: expected 'ema' or 'model', got {weights!r}")
-    json_path, meta, weights_file, header = _open_checkpoint(path)
-    schedule = schedule_from_config(meta["schedule"])
-    shapes = _model_shapes(meta["model"], json_path)
-    if not any(k.startswith(weights + "/") for k in header):
-        raise CheckpointError(f"checkpoint {json_path!r} holds no {weights!r} weights (it has {meta.get('contents')})")
-    _check_fit(shapes, header, weights + "/", f"checkpoint {json_path!r} ({weights})")
-    tensors = _read_tensors(json_path, meta, weights_file, verify=True)
-    model = UNet.from_config(meta["model"])
-    _load_weights(model, _sub(tensors, weights + "/"), f"checkpoint {json_path!r} ({weights})")
-    return model.to(device).eval(), schedule
-
-
-def export_model(ckpt: str, json_out: str, dtype: torch.dtype = torch.float32, extra: Optional[Dict[str, Any]] = None,
-                 *, overwrite: bool = False) -> None:
-    """Write the EMA weights (only) of a training checkpoint as a small sampling checkpoint:
-    ``json_out`` (a ``.json``) and the ``.safetensors`` of the same stem next to it. Existing
-    files there are refused unless ``overwrite=True`` (never the source checkpoint's own)."""
-    json_out = os.fspath(json_out)
-    if not json_out.endswith(".json"):
-        raise ValueError(f"out: expected a path ending in .json (the weights go next to it), got {json_out!r}")
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"dtype: expected a floating-point dtype for the weights, got {dtype!r}")
-    meta, tensors = read_checkpoint(ckpt)
-    weights_out = json_out[: -len(".json")] + ".safetensors"
-    src = {os.path.realpath(meta["_json_path"]), os.path.realpath(os.path.join(os.path.dirname(meta["_json_path"]), meta["weights"]))}
-    for target in (json_out, weights_out):
-        if os.path.realpath(target) in src:
-            raise ValueError(f"out: {json_out!r} would overwrite the checkpoint being exported ({target!r})")
-        if os.path.isdir(target):
-            raise ValueError(f"out: {target!r} is a folder; expected a path for a new file")
-        if os.path.lexists(target) and not overwrite:
-            raise ValueError(f"out: {target!r} already exists; remove it, choose another path, or pass overwrite=True")
-    ema = {k: v.to(dtype) for k, v in tensors.items() if k.startswith("ema/")}
-    if not ema:
-        raise CheckpointError(f"checkpoint {meta['_json_path']!r} holds no EMA weights")
-    keep = {k: meta[k] for k in ("model", "schedule", "data", "step", "train", "loss", "elapsed_s") if k in meta}
-    keep.update(contents=["ema"], dtype=str(dtype).replace("torch.", ""), **(extra or {}))
-    write_checkpoint(json_out, ema, keep)
 
 
 # --------------------------------------------------------------------------------------------

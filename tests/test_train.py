@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from ddim_fast import checkpoints
 from ddim_fast import train as train_mod
 from ddim_fast.data import load_digits
 from ddim_fast.schedule import NoiseSchedule
@@ -272,7 +273,7 @@ def test_resume_never_deletes_a_weights_file_it_did_not_name(tmp_path):
 def test_a_failed_write_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(tiny_cfg(out, steps=3))
-    real = train_mod.atomic_write_bytes
+    real = checkpoints.atomic_write_bytes
     calls = []
 
     def fail_on_json(path, data):
@@ -281,7 +282,7 @@ def test_a_failed_write_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
             raise OSError("disk full")
         real(path, data)
 
-    monkeypatch.setattr(train_mod, "atomic_write_bytes", fail_on_json)
+    monkeypatch.setattr(checkpoints, "atomic_write_bytes", fail_on_json)
     with pytest.raises(OSError, match="disk full"):
         train(tiny_cfg(out, steps=6), resume=True)
     monkeypatch.undo()
@@ -375,6 +376,7 @@ def no_allocation(monkeypatch):
         raise AssertionError("tensor data was read")
 
     monkeypatch.setattr(UNet, "__init__", init)
+    monkeypatch.setattr(checkpoints, "_read_tensors", no_read)
     monkeypatch.setattr(train_mod, "_read_tensors", no_read)
     return devices
 
