@@ -85,6 +85,9 @@ class FusedSampler:
                 raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
         self.precision, self.backend, self.cuda_graph = precision, backend, cuda_graph
         self.channels_last, self.compile, self.solver = channels_last, compile, solver
+        if solver == "dpmpp_2m_sde" and eta == 0:
+            raise ValueError("eta: solver 'dpmpp_2m_sde' is the SDE variant and needs eta > 0 (1 = DPM-Solver++(2M) SDE); "
+                             "with eta = 0 use solver='dpmpp_2m'")  # fmt: skip
         self._conv2d_model = isinstance(model, torch.nn.Module) and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
         self.skip = skip
         self._tau = np.ascontiguousarray(solvers.timesteps(schedule, steps, skip), dtype=np.int64)
@@ -113,8 +116,8 @@ class FusedSampler:
         """A sampler for a diffusers UNet (or pipeline) that reproduces its scheduler's loop.
 
         ``scheduler`` defaults to the pipeline's: a DDIM/DDPM scheduler gives DDIM options, a
-        ``DPMSolverMultistepScheduler`` (dpmsolver++) the multistep solver of its order on its
-        own timesteps. Its betas, T, prediction type, timestep spacing/offset and clipping become
+        ``DPMSolverMultistepScheduler`` (dpmsolver++) or ``UniPCMultistepScheduler`` (bh2) the
+        multistep solver of its order on its own timesteps. Its betas, T, prediction type, timestep spacing/offset and clipping become
         our options (see ``ddim_fast.compat``); ``options`` (``steps=50``, ``eta``, ``solver``,
         ``precision``...) override them.
         """

@@ -56,20 +56,8 @@ from ddim_fast.schedule import NoiseSchedule
 # The file names a training run owns in its --out folder (what "a run is already there" means).
 RUN_FILES = ("checkpoint.json", "metrics.jsonl", "samples")
 
-__all__ = [
-    "TrainConfig",
-    "RESUMABLE",
-    "BOOKKEEPING",
-    "train",
-    "load_model",
-    "read_checkpoint",
-    "write_checkpoint",
-    "export_model",
-    "CheckpointError",
-    "schedule_from_config",
-    "ASSET_PATH",
-    "CHECKPOINT_FORMAT",
-]
+__all__ = ["TrainConfig", "RESUMABLE", "BOOKKEEPING", "train", "load_model", "read_checkpoint", "write_checkpoint",
+           "export_model", "CheckpointError", "schedule_from_config", "ASSET_PATH", "CHECKPOINT_FORMAT"]
 
 # --------------------------------------------------------------------------------------------
 # configuration
