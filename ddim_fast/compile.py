@@ -34,12 +34,13 @@ MODES = (False, True, "auto")
 # calls, from figures measured per device type: (first compiled call with a cold inductor
 # cache in s, ms saved per model call at the default precision). On this project's CPU (2-core
 # EPYC, avx512_bf16, shared with 7 other jobs; bench UNet = diffusers UNet2DModel 5.4M,
-# 8x3x32x32, S = 20, bench/test_bench_sampler.py, 1 thread) the compiled defaults (bf16
-# autocast) took 121 s to their first trajectory and then ran no faster than eager (2.80 vs
-# 2.77 s a trajectory, -1.2 ms a call); one call alone gained 9.5 of 407 ms (2%,
-# bench/measure_compile.py per-call). So "auto" never compiles on a CPU. No figure has been
-# measured on a GPU yet (bench/gpu_check.py measures both): "auto" leaves CUDA models eager.
-MEASURED = {"cpu": (121.0, -1.2)}
+# 8x3x32x32, S = 20, 1 thread, bench/test_bench_sampler.py) the compiled defaults (bf16
+# autocast) took 121 s to their first trajectory (cold, load 3-7) and then saved 8.7-8.9 ms of
+# 99-104 ms a call in the two quieter runs (load 1.4-2.9; nothing at load 7): 13,750 calls to
+# break even, e.g. a sharded run of 50k samples at B = 64, S = 50 (39k calls) but no single
+# sampler call of S <= 1000 steps. Nothing has been measured on a GPU yet (bench/gpu_check.py
+# measures both figures): "auto" leaves CUDA models eager.
+MEASURED = {"cpu": (121.0, 8.8)}
 
 
 def break_even_calls(device) -> Optional[int]:

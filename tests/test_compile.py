@@ -39,11 +39,20 @@ def fake_compile(monkeypatch):
 def test_false_and_auto_where_compile_was_not_measured_to_pay_return_the_model_itself(fake_compile):
     model = Affine()
     assert C.maybe_compile(model, False, "cpu") is model
-    # measured on this project's CPU: no saving per call, so never; never measured on a GPU
-    assert C.break_even_calls("cpu") is None and C.break_even_calls("cuda") is None
-    for device in ("cpu", "cuda"):
-        assert C.maybe_compile(model, "auto", device, expected_calls=10**9) is model
+    # never measured on a GPU: CUDA models stay eager, however many calls
+    assert C.break_even_calls("cuda") is None
+    assert C.maybe_compile(model, "auto", "cuda", expected_calls=10**9) is model
+    # on the CPU it was measured to pay only after more calls than one trajectory of S <= 1000 makes
+    assert C.maybe_compile(model, "auto", "cpu", expected_calls=1000) is model
+    assert C.maybe_compile(model, "auto", "cpu") is model  # the number of calls is unknown
     assert fake_compile["kwargs"] is None
+    assert isinstance(C.maybe_compile(model, "auto", "cpu", expected_calls=10**9), C.CompiledModel)
+
+
+def test_no_saving_means_never(monkeypatch):
+    monkeypatch.setitem(C.MEASURED, "cpu", (121.0, -1.2))  # a loaded machine's figure: slower compiled
+    assert C.break_even_calls("cpu") is None
+    assert C.maybe_compile(Affine(), "auto", "cpu", expected_calls=10**9).__class__ is Affine
 
 
 def test_auto_compiles_from_the_break_even_point(fake_compile, monkeypatch):
