@@ -56,3 +56,37 @@ def interleaved_seconds(fns, *, rounds: int, block: int = 1, warmup: int = 1, de
 def paired_ratio(times, baseline: str, ours: str) -> float:
     """Median over rounds of baseline / ours (a speed-up when > 1)."""
     return statistics.median(b / o for b, o in zip(times[baseline], times[ours]))
+
+
+def small_unet():
+    """The benches' diffusers UNet2DModel (5.4M parameters, 32x32 RGB), seeded."""
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(64, 96, 128, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def json_cells(path: str):
+    """(cells, put): a JSON file of finished cells, rewritten atomically after each ``put(key, value)``."""
+    import json
+    import os
+
+    cells = json.load(open(path)) if os.path.exists(path) else {}
+
+    def put(key, value):
+        cells[key] = value
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(cells, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+    return cells, put

@@ -21,21 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 
-def small_unet():
-    """The bench UNet (the same as bench/test_bench_sampler.py's)."""
-    import torch
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(64, 96, 128, 128),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-    ).eval()
+from _timing import small_unet  # noqa: E402  (the benches' UNet)
 
 
 def _caller(model, precision):

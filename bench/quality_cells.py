@@ -12,8 +12,6 @@ the converged ODE solution from the same x_T (DPM-Solver++(3M) on all 1000 times
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 import warnings
@@ -112,14 +110,9 @@ def main(argv=None):
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     steps = tuple(int(s) for s in args.steps.split(","))
-    cells = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    from _timing import json_cells
 
-    def put(key, value):
-        cells[key] = value
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(cells, f, indent=1, sort_keys=True)
-        os.replace(tmp, args.out)
+    cells, put = json_cells(args.out)
 
     schedule = NoiseSchedule.linear(1000)
     x_T = torch.randn(args.n, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -9,7 +9,6 @@ checkpointed to JSON as they finish, so the run can be stopped and resumed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 import warnings
@@ -47,14 +46,9 @@ def main(argv=None):
 
     model, schedule = load_model()
     C, H, W = image_shape(model)
-    cells = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    from _timing import json_cells
 
-    def put(key, value):
-        cells[key] = value
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(cells, f, indent=1, sort_keys=True)
-        os.replace(tmp, args.out)
+    cells, put = json_cells(args.out)
 
     x_T_all = reference.gaussian(0, (args.n, C, H, W), stream=layout.STREAM_X_T)
 

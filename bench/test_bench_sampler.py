@@ -23,26 +23,11 @@ import time
 import pytest
 import torch
 
-from _timing import interleaved_seconds, paired_ratio, sync
+from _timing import interleaved_seconds, paired_ratio, small_unet as _small_unet, sync
 from ddim_fast import FusedSampler, NoiseSchedule
 from ddim_fast.compile import maybe_compile
 
 S, B, ROUNDS = 20, 8, 5
-
-
-def _small_unet():
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(64, 96, 128, 128),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-    ).eval()
 
 
 def _bf16():

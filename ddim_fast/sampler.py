@@ -107,9 +107,11 @@ class FusedSampler:
         if self.clip_x0 and not reads_x0:
             raise ValueError(f"clip_x0: the solver {solver!r} integrates eps and never uses the x0-prediction; use solver='ddim'")
         self._stochastic = {kind: any(table.stochastic) for kind, table in self._tables.items()}
+        self._ring = {kind: (table.history_slots, table.uses_saved) for kind, table in self._tables.items()}
         self._device_cache: Dict[tuple, torch.Tensor] = {}
         self._models: Dict[tuple, Callable] = {}
         self._graphs = None  # ddim_fast.graphs.GraphCache, created on first CUDA use
+        self._expected_calls: Optional[int] = None  # model calls a long run expects (compile="auto")
 
     @classmethod
     def from_diffusers(cls, unet_or_pipeline, scheduler=None, **options) -> "FusedSampler":
@@ -254,15 +256,17 @@ class FusedSampler:
         else:
             x_start = x_in.detach().to(device=dev, dtype=torch.float32)  # NaN in it: trajectory.check_finite
         plan = self._plan(kind, table, shape, dev, seed, batch_offset, noise, kwargs, backend)
+        graphs = self._graph_cache(dev)
         with torch.inference_mode():
-            graphs = self._graph_cache(dev)
             bufs = graphs.run(plan, x_start, record) if graphs is not None else None
-            if bufs is None:  # no CUDA, graphs off, or this configuration failed to capture
-                bufs = trajectory.allocate(plan, x_start, record)
-                trajectory.run(plan, bufs, progress)
+        static = bufs is not None  # a captured graph's buffers: cloned before the next replay
+        if bufs is None:  # no CUDA, graphs off, or this configuration failed to capture
+            # Allocated outside inference mode and returned as they are: ordinary tensors for the
+            # caller (usable with autograd), and no copy of the result.
+            bufs = trajectory.allocate(plan, x_start, record)
+            trajectory.run(plan, bufs, progress)
         trajectory.check_finite(plan, bufs, x_start)
-        # Cloned outside inference mode: the caller gets ordinary tensors (usable with autograd).
-        return trajectory.result(plan, bufs)
+        return trajectory.result(plan, bufs, copy=static)
 
     def _plan(self, kind, table: solvers.SolverTable, shape, device, seed, batch_offset, noise, kwargs, backend):
         t_host = self._tau.copy() if kind == "encode" else self._tau[::-1].copy()
@@ -273,9 +277,9 @@ class FusedSampler:
             kind=kind,
             table=self._device_table(kind, device),
             history_kind=table.history_kind,
-            history_slots=table.history_slots,
-            uses_saved=table.uses_saved,
-            timesteps=torch.as_tensor(t_host, device=device)[:, None].expand(-1, B_model).contiguous(),
+            history_slots=self._ring[kind][0],
+            uses_saved=self._ring[kind][1],
+            timesteps=self._device_timesteps(kind, t_host, device, B_model),
             t_host=t_host,
             prediction=layout.PREDICTIONS[self.prediction],
             clip=self.clip_x0,
@@ -297,7 +301,9 @@ class FusedSampler:
             if self.compile is not False:
                 from ddim_fast.compile import maybe_compile
 
-                model = maybe_compile(model, self.compile, device, expected_calls=self.num_steps)
+                # "auto" weighs the compile time against the calls expected: one call's S steps, or
+                # what a long run (ddim_fast.sharded) announces through _expected_calls.
+                model = maybe_compile(model, self.compile, device, expected_calls=self._expected_calls or self.num_steps)
             fn: Callable = trajectory.ModelCall(model)
             guided = self.guidance_scale is not None
             model_shape = (2 * shape[0], *shape[1:]) if guided else tuple(shape)
@@ -333,6 +339,13 @@ class FusedSampler:
         key = (kind, str(device))
         if key not in self._device_cache:
             self._device_cache[key] = self._tables[kind].table.to(device=device, dtype=torch.float32).contiguous()
+        return self._device_cache[key]
+
+    def _device_timesteps(self, kind: str, t_host: np.ndarray, device: torch.device, B_model: int) -> torch.Tensor:
+        """(S, B_model) int64 timesteps on the device, made once per (kind, device, batch)."""
+        key = ("t", kind, str(device), B_model)
+        if key not in self._device_cache:
+            self._device_cache[key] = torch.as_tensor(t_host, device=device)[:, None].expand(-1, B_model).contiguous()
         return self._device_cache[key]
 
     def _graph_cache(self, device: torch.device):

@@ -28,6 +28,7 @@ import datetime
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -236,8 +237,13 @@ def sample_npz(
         if distributed:
             dist.barrier()
         recorded = (_read_json(manifest) or {}).get("shards", {})
+        # compile="auto" by default here: a long run is where compiling was measured to pay off
+        # (ddim_fast.compile.MEASURED); the sampler learns how many model calls this rank expects.
+        options = {"compile": "auto", **(sampler_options or {})}
         sampler = FusedSampler(model, schedule=schedule, steps=steps, eta=eta, skip=skip, solver=solver, backend=backend,
-                               precision=precision, **(sampler_options or {}))
+                               precision=precision, **options)
+        my_images = sum(min(n, s + shard_size) - s for s in range(rank * shard_size, n, world * shard_size))
+        sampler._expected_calls = sampler.num_steps * max(1, math.ceil(my_images / batch_size))
         shards = [(s, min(n, s + shard_size)) for s in range(0, n, shard_size)]
         names = [f"shard-{start:09d}-{stop:09d}.npz" for start, stop in shards]
         computed = skipped = 0

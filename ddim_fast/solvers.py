@@ -134,6 +134,17 @@ def _alphas_desc(schedule: NoiseSchedule, tau) -> torch.Tensor:
     return schedule.alphas_cumprod[t_desc]
 
 
+def _nodes(schedule: NoiseSchedule, tau):
+    """(S, sqrt_alpha, sqrt_one_minus_alpha, lambda) along tau, noisiest first, each with the final
+    node alpha = 1 appended (lambda = +inf there); lambda must increase strictly."""
+    a = _alphas_desc(schedule, tau)
+    S = a.numel()
+    lam = half_log_snr(a).tolist() + [math.inf]
+    if any(not lam[k + 1] > lam[k] for k in range(S)):
+        raise ValueError(f"tau: expected strictly increasing timesteps with distinct alphas, got {list(tau)}")
+    return S, a.sqrt().tolist() + [1.0], (1.0 - a).sqrt().tolist() + [0.0], lam
+
+
 def ddim(schedule: NoiseSchedule, tau, eta: EtaLike = 0.0) -> SolverTable:
     """Eq. 12 along tau (noisiest first): row (sqrt(alpha_t), sqrt(1 - alpha_t); c_x0 = sqrt(alpha_prev),
     c_eps = sqrt(1 - alpha_prev - sigma^2), sigma), alpha_prev := 1 after the last step."""
@@ -325,13 +336,7 @@ def unipc(schedule: NoiseSchedule, tau, order: int = 2) -> SolverTable:
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order: expected 1, 2 or 3, got {order!r}")
-    a = _alphas_desc(schedule, tau)
-    S = a.numel()
-    sa = a.sqrt().tolist() + [1.0]
-    s1m = (1.0 - a).sqrt().tolist() + [0.0]
-    lam = half_log_snr(a).tolist() + [math.inf]
-    if any(not lam[k + 1] > lam[k] for k in range(S)):
-        raise ValueError(f"tau: expected strictly increasing timesteps with distinct alphas, got {list(tau)}")
+    S, sa, s1m, lam = _nodes(schedule, tau)
     orders = [min(order, S - k, k + 1) for k in range(S)]
     # Linear forms over the basis (x_t, x^c_{k-1}, x0_k, x0_{k-1}, x0_{k-2}, x0_{k-3}).
     X, SAVED, X0 = 0, 1, 2
@@ -400,13 +405,7 @@ def dpmpp_2m_sde(schedule: NoiseSchedule, tau, eta: float = 1.0) -> SolverTable:
     if isinstance(eta, str) or not eta >= 0:
         raise ValueError(f"eta: dpmpp_2m_sde takes a float >= 0 (1 = diffusers' sde-dpmsolver++), got {eta!r}")
     eta = float(eta)
-    a = _alphas_desc(schedule, tau)
-    S = a.numel()
-    sa = a.sqrt().tolist() + [1.0]
-    s1m = (1.0 - a).sqrt().tolist() + [0.0]
-    lam = half_log_snr(a).tolist() + [math.inf]
-    if any(not lam[k + 1] > lam[k] for k in range(S)):
-        raise ValueError(f"tau: expected strictly increasing timesteps with distinct alphas, got {list(tau)}")
+    S, sa, s1m, lam = _nodes(schedule, tau)
     orders = step_orders(S, 2)
     rows = _rows(S)
     for k in range(S):

@@ -23,6 +23,8 @@ import torch
 
 from ddim_fast import layout, ops
 
+_MODEL_DTYPES = frozenset(ops.MODEL_DTYPES)
+
 __all__ = ["Plan", "Buffers", "Trajectory", "ModelCall", "Guided", "ChannelsLast", "allocate", "run", "check_finite", "result"]
 
 
@@ -61,6 +63,11 @@ class ModelCall:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, k: int, kwargs: Dict[str, Any]) -> torch.Tensor:
         out = self.model(x, t, **kwargs)
+        if type(out) is torch.Tensor and out.shape == x.shape and out.dtype in _MODEL_DTYPES and out.is_contiguous():
+            return out  # the common case, checked in ~1 us
+        return self._conform(out, x, t, k)
+
+    def _conform(self, out, x: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
         if isinstance(out, (tuple, list)):
             out = out[0] if len(out) else None
         elif isinstance(out, dict) and "sample" in out:
@@ -81,7 +88,7 @@ class ModelCall:
                     f"model returned shape {tuple(out.shape)} at step {k} (timestep {int(t[0])}); "
                     f"expected the input's shape {tuple(x.shape)}"
                 )
-        if out.dtype not in ops.MODEL_DTYPES:
+        if out.dtype not in _MODEL_DTYPES:
             raise TypeError(
                 f"model returned dtype {out.dtype} at step {k} (timestep {int(t[0])}); expected float32, "
                 "float16, bfloat16 or float64"
@@ -220,7 +227,7 @@ def run(plan: Plan, bufs: Buffers, progress: bool = False, capturing: bool = Fal
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc=f"ddim_fast {plan.kind}", unit="step")
-    S, record, none = plan.steps, bufs.x0s is not None, (None,) * plan.steps
+    record, none = bufs.x0s is not None, (None,) * plan.steps
     with torch.inference_mode(), autocast:
         # Views made once (unbind is one call for all steps): the loop body is the model call and the op.
         states = bufs.xs.unbind(0)
@@ -262,11 +269,13 @@ def check_finite(plan: Plan, bufs: Buffers, x_start: torch.Tensor) -> None:
     )
 
 
-def result(plan: Plan, bufs: Buffers):
-    """The final state (cloned), or the whole ``Trajectory`` when the buffers recorded one."""
+def result(plan: Plan, bufs: Buffers, copy: bool = True):
+    """The final state, or the whole ``Trajectory`` when the buffers recorded one; ``copy=False``
+    hands out the buffers themselves (fresh ones that nothing else will write)."""
+    clone = torch.Tensor.clone if copy else (lambda t: t)
     if bufs.x0s is None:
-        return bufs.xs[0].clone()
+        return clone(bufs.xs[0])
     return Trajectory(
-        x0=bufs.xs[plan.steps].clone(), xs=bufs.xs.clone(), x0_preds=bufs.x0s.clone(),
+        x0=clone(bufs.xs[plan.steps]), xs=clone(bufs.xs), x0_preds=clone(bufs.x0s),
         timesteps=torch.from_numpy(plan.t_host.copy()),
     )  # fmt: skip

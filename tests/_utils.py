@@ -188,3 +188,14 @@ def assert_step_close(actual, args, what="step"):
         torch_err = (t_f - e_f).abs().max().item() if e_f.numel() else 0.0
         ulp = torch.finfo(torch.float32).eps * (e_f.abs().max().item() if e_f.numel() else 0.0)
         assert_close(torch.where(finite, a.double().cpu(), 0), e_f, atol=2 * max(torch_err, ulp), what=f"{what}: {name}")
+
+
+def tiny_unet():
+    """A seeded diffusers UNet2DModel of 8x8 RGB with attention: a real pipeline model in milliseconds."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()

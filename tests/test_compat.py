@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 
-from _utils import assert_close
+from _utils import assert_close, tiny_unet
 from ddim_fast import FusedSampler, NoiseSchedule
 
 
@@ -42,14 +42,6 @@ def test_unsupported_configs_rejected(cfg, match):
         NoiseSchedule.from_diffusers({"num_train_timesteps": 1000, **cfg})
     with pytest.raises(TypeError, match="scheduler_or_config"):
         NoiseSchedule.from_diffusers(42)
-
-
-def tiny_unet():
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
-        norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    ).eval()
 
 
 @pytest.mark.parametrize(

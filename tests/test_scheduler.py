@@ -15,24 +15,15 @@ from diffusers import (
     EulerDiscreteScheduler,
     PNDMScheduler,
     UNet2DConditionModel,
-    UNet2DModel,
     UniPCMultistepScheduler,
 )
 
-from _utils import assert_close
+from _utils import assert_close, tiny_unet
 from ddim_fast import FusedSampler, FusedScheduler, NoiseSchedule, layout, reference
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"  # diffusers' own
 )
-
-
-def tiny_unet():
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
-        norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    ).eval()
 
 
 def tiny_cond_unet():
