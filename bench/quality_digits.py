@@ -34,6 +34,8 @@ def main(argv=None):
     p.add_argument("--tune-batch", type=int, default=32)
     p.add_argument("--tune-trials", type=int, default=40)
     p.add_argument("--out", default="docs/results/quality_digits.json")
+    p.add_argument("--only", default=None, help='run only these cells, e.g. "ddim|quad|S20,unipc|quad|S8" (ours)')
+    p.add_argument("--tuned-from", default=None, help="reuse the tuned timesteps recorded in this JSON (same solver and S)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -67,18 +69,34 @@ def main(argv=None):
         print(key, round(fd, 3), flush=True)
 
     steps = [int(s) for s in args.steps.split(",")]
+    only = None if args.only is None else set(args.only.split(","))
+    tuned_from = {}
+    if args.tuned_from:
+        import json
+
+        for k, v in json.load(open(args.tuned_from)).items():
+            parts = k.split("|")
+            if parts[0] == "ours" and parts[2] == "tuned" and "tau" in v:
+                tuned_from[(parts[1], parts[3])] = v["tau"]
+
+    def wanted(solver, skip, S):
+        return only is None or f"{solver}|{skip}|S{S}" in only
+
     for S in (20, 50):
         key = f"ours|ddim|quad|S{S}|n{args.n}"
-        if key not in cells:
+        if key not in cells and wanted("ddim", "quad", S):
             s = FusedSampler(model, schedule, steps=S, skip="quad", precision="fp32")
             record(key, s.sample, dict(tau=np.sort(s.timesteps.numpy()).tolist()))
     for S in steps:
         for solver, skip in [("ddim", "quad")] + OURS:
             key = f"ours|{solver}|{skip}|S{S}|n{args.n}"
-            if key in cells:
+            if key in cells or not wanted(solver, skip, S):
                 continue
             extra = {}
-            if skip == "tuned":
+            if skip == "tuned" and (solver, f"S{S}") in tuned_from:
+                skip_arg = np.array(tuned_from[(solver, f"S{S}")])
+                extra = dict(tuned_from=args.tuned_from)
+            elif skip == "tuned":
                 info = {}
                 tau = tune.tune_timesteps(model, S, (args.tune_batch, C, H, W), schedule, solver, seed=1, progress=False, info=info,
                                           max_trials=args.tune_trials)  # fmt: skip
@@ -90,7 +108,7 @@ def main(argv=None):
             record(key, s.sample, dict(tau=np.sort(s.timesteps.numpy()).tolist(), **extra))
         for name, order, spacing in DIFFUSERS:
             key = f"diffusers|{name}{order}|{spacing}|S{S}|n{args.n}"
-            if key in cells:
+            if key in cells or not wanted(f"diffusers-{name}{order}", spacing, S):
                 continue
 
             def run(x, name=name, order=order, spacing=spacing):

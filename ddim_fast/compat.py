@@ -276,8 +276,9 @@ def _dpm_solver_timesteps(cfg: Dict[str, Any], steps: int, T: int, alphas_cumpro
     if lambda_min > -float("inf"):  # drop the final timesteps whose log-SNR is below the clip
         if alphas_cumprod is None:
             raise ValueError("alphas_cumprod: needed for a finite lambda_min_clipped")
-        a = np.asarray(alphas_cumprod, dtype=np.float64)
-        lam = 0.5 * (np.log(a) - np.log1p(-a))
+        from ddim_fast.solvers import half_log_snr
+
+        lam = half_log_snr(np.asarray(alphas_cumprod, dtype=np.float64)).numpy()
         last = T - int(np.searchsorted(lam[::-1], lambda_min))
     spacing = cfg.get("timestep_spacing", "linspace")
     if spacing == "linspace":
