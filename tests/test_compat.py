@@ -86,6 +86,17 @@ def test_from_diffusers_needs_a_scheduler_for_a_bare_unet():
     assert s.num_steps == 10 and s.prediction == "epsilon"
 
 
+def unet_loop(unet, sch, S):
+    """(x_T, diffusers' own S-step loop of ``sch`` from it) for the tiny UNet."""
+    sch.set_timesteps(S)
+    x_T = torch.randn(2, 3, 8, 8)
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in sch.timesteps:
+            x = sch.step(unet(x, t).sample, t, x).prev_sample
+    return x_T, x
+
+
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")  # diffusers'
 @pytest.mark.parametrize(
     "sched_kw, S",
@@ -105,12 +116,7 @@ def test_from_diffusers_dpm_solver_equals_its_loop(sched_kw, S):
     unet = tiny_unet()
     sch = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", **sched_kw)
     pipe = DDPMPipeline(unet=unet, scheduler=sch)  # (DDIMPipeline would convert it to a DDIMScheduler)
-    sch.set_timesteps(S)
-    x_T = torch.randn(2, 3, 8, 8)
-    x = x_T.clone()
-    with torch.no_grad():
-        for t in sch.timesteps:
-            x = sch.step(unet(x, t).sample, t, x).prev_sample
+    x_T, x = unet_loop(unet, sch, S)
     sampler = FusedSampler.from_diffusers(pipe, steps=S, precision="fp32")
     assert sampler.solver == {1: "ddim", 2: "dpmpp_2m", 3: "dpmpp_3m"}[sched_kw["solver_order"]]
     assert torch.equal(sampler.timesteps, sch.timesteps)
@@ -169,12 +175,7 @@ def test_from_diffusers_unipc_equals_its_loop(sched_kw, S):
 
     unet = tiny_unet()
     sch = UniPCMultistepScheduler(num_train_timesteps=1000, **sched_kw)
-    sch.set_timesteps(S)
-    x_T = torch.randn(2, 3, 8, 8)
-    x = x_T.clone()
-    with torch.no_grad():
-        for t in sch.timesteps:
-            x = sch.step(unet(x, t).sample, t, x).prev_sample
+    x_T, x = unet_loop(unet, sch, S)
     sampler = FusedSampler.from_diffusers(unet, sch, steps=S, precision="fp32")
     assert sampler.solver == {2: "unipc", 3: "unipc_3"}[sched_kw["solver_order"]]
     assert torch.equal(sampler.timesteps, sch.timesteps)

@@ -288,6 +288,16 @@ def test_dpmpp_2m_sde_matches_the_paper_and_is_2m_at_eta_0():
 # --------------------------------------------------------------------------------------------
 
 
+def _diffusers_problem(scheduler, S, prediction):
+    """(schedule, model, x_T) for comparing with ``scheduler`` at S steps: the closed-form mixture
+    of its schedule, as an epsilon or v model."""
+    scheduler.set_timesteps(S)
+    schedule = NoiseSchedule.from_diffusers(scheduler)
+    eps_model = _mixture(schedule.alphas_cumprod, D=3 * 4 * 4)
+    model = eps_model if prediction == "epsilon" else _v_model(eps_model, schedule.alphas_cumprod)
+    return schedule, model, torch.randn(4, 3, 4, 4)
+
+
 def _diffusers_loop(scheduler, model, x_T, noise=None):
     x = x_T.clone()
     for k, t in enumerate(scheduler.timesteps):
@@ -323,11 +333,7 @@ def test_unipc_matches_diffusers(order, S, spacing, prediction):
         solver_type="bh2", predict_x0=True, lower_order_final=True, disable_corrector=[],
         prediction_type="epsilon" if prediction == "epsilon" else "v_prediction", timestep_spacing=spacing,
     )  # fmt: skip
-    scheduler.set_timesteps(S)
-    schedule = NoiseSchedule.from_diffusers(scheduler)
-    eps_model = _mixture(schedule.alphas_cumprod, D=3 * 4 * 4)
-    model = eps_model if prediction == "epsilon" else _v_model(eps_model, schedule.alphas_cumprod)
-    x_T = torch.randn(4, 3, 4, 4)
+    schedule, model, x_T = _diffusers_problem(scheduler, S, prediction)
     expected = _diffusers_loop(scheduler, model, x_T)
     solver = {1: None, 2: "unipc", 3: "unipc_3"}[order]
     tau = np.sort(scheduler.timesteps.numpy())
@@ -357,11 +363,7 @@ def test_dpm_solver_matches_diffusers(solver, S, prediction):
         solver_type="midpoint", final_sigmas_type="zero", lower_order_final=True,
         prediction_type="epsilon" if prediction == "epsilon" else "v_prediction",
     )  # fmt: skip
-    scheduler.set_timesteps(S)
-    schedule = NoiseSchedule.from_diffusers(scheduler)
-    eps_model = _mixture(schedule.alphas_cumprod, D=3 * 4 * 4)
-    model = eps_model if prediction == "epsilon" else _v_model(eps_model, schedule.alphas_cumprod)
-    x_T = torch.randn(4, 3, 4, 4)
+    schedule, model, x_T = _diffusers_problem(scheduler, S, prediction)
     noise = torch.randn(S, 4, 3, 4, 4) if sde else None
     expected = _diffusers_loop(scheduler, model, x_T, noise)
     sampler = FusedSampler(model, schedule, skip=np.sort(scheduler.timesteps.numpy()), solver=solver, eta=1.0 if sde else 0.0,
