@@ -22,7 +22,7 @@ from ddim_fast.train import load_model
 # The configurations that lead on the mixtures (docs/results/quality.md); the CPU budget of a
 # shared 2-core machine (~3.5 s per call of batch 500) does not fit every cell.
 OURS = [("ipndm", "logsnr"), ("ipndm", "quad"), ("ipndm", "tuned"), ("unipc", "logsnr"), ("unipc", "quad"),
-        ("dpmpp_3m", "logsnr"), ("ipndm_v", "quad")]  # fmt: skip
+        ("dpmpp_3m", "logsnr"), ("ipndm_v", "quad"), ("unipc", "tuned")]  # fmt: skip
 DIFFUSERS = [("dpm", 2, "karras"), ("dpm", 3, "linspace"), ("unipc", 2, "linspace"), ("deis", 3, "linspace")]
 
 
