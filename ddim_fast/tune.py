@@ -34,7 +34,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ddim_fast import layout, reference, solvers
+from ddim_fast import layout, ops, reference, solvers
 from ddim_fast.schedule import NoiseSchedule
 
 __all__ = ["tune_timesteps", "save_tuned", "load_tuned", "schedule_digest", "FORMAT"]
@@ -60,7 +60,7 @@ class _Runner:
         self.model, self.schedule, self.kwargs = model, schedule, dict(model_kwargs or {})
         p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
         self.device = p.device if p is not None else torch.device("cpu")
-        self.backend = _backend(backend, self.device)
+        self.backend = ops.resolve_backend(backend, self.device)  # validates the name too
         self.prediction = layout.PREDICTIONS[prediction]
         self.x_T = reference.gaussian(seed, shape, step=0, stream=layout.STREAM_X_T, device=self.device)
         self.seed = torch.tensor([seed, 0], dtype=torch.int64, device=self.device)
@@ -77,8 +77,6 @@ class _Runner:
 
     def run(self, st: solvers.SolverTable, tau, *, record: bool = False, on_step=None):
         """x_0 of the solver along tau; with record: also (state, eps) at each timestep, noisiest first."""
-        from ddim_fast import ops
-
         table = st.table.to(torch.float32).to(self.device).contiguous()
         x = self.x_T.clone()
         R = st.history_slots
@@ -106,14 +104,6 @@ class _Runner:
             if on_step is not None:
                 on_step()
         return (x, states, eps) if record else x
-
-
-def _backend(backend: str, device) -> str:
-    from ddim_fast import ops
-
-    if backend not in ("auto", "torch", "cpp", "triton"):
-        raise ValueError(f"backend: expected 'auto', 'torch', 'cpp' or 'triton', got {backend!r}")
-    return ops.resolve_backend(backend, device)
 
 
 def _check_int(name, value, lo, hi=None):
