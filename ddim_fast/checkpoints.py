@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, BinaryIO, Dict, Optional, Tuple
 
 import torch
 
@@ -225,38 +225,63 @@ def _model_shapes(config: Any, where: str) -> Dict[str, Tuple[int, ...]]:
         raise CheckpointError(f"checkpoint config {where!r}: bad model config: {e}") from e
 
 
-def _read_tensors(json_path: str, meta: Dict[str, Any], weights: str, verify: bool) -> Dict[str, torch.Tensor]:
+def _read_tensors(json_path: str, meta: Dict[str, Any], weights: BinaryIO, verify: bool) -> Dict[str, torch.Tensor]:
+    """The tensors of the weights file that ``_open_checkpoint`` opened (read from its open handle)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    with open(weights, "rb") as f:
-        blob = f.read()
+    weights.seek(0)
+    blob = weights.read()
     if verify and _sha256(blob) != meta["sha256"]:
         raise CheckpointError(
-            f"checkpoint weights {weights!r} do not match the SHA-256 recorded in {json_path!r} "
+            f"checkpoint weights {weights.name!r} do not match the SHA-256 recorded in {json_path!r} "
             f"({len(blob)} bytes): the file is truncated, corrupt or was edited"
         )
     try:
         return load(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint weights {weights!r} are not a valid safetensors file: {e}") from e
+        raise CheckpointError(f"checkpoint weights {weights.name!r} are not a valid safetensors file: {e}") from e
 
 
-def _open_checkpoint(path: Optional[str]) -> Tuple[str, Dict[str, Any], str, Dict[str, Tuple[str, Tuple[int, ...]]]]:
-    """(json path, meta, weights path, header): everything but the tensor data, all checked."""
+# A training run writes a new checkpoint-<step>.safetensors, then the JSON that names it, then
+# removes the old weights: a reader between its JSON read and its open of the weights finds them
+# gone. It then reads the JSON again and, if that changed, the checkpoint it names now.
+_RACE_RETRIES = 3
+
+
+def _open_checkpoint(path: Optional[str]) -> Tuple[str, Dict[str, Any], BinaryIO, Dict[str, Tuple[str, Tuple[int, ...]]]]:
+    """(json path, meta, the weights file opened for reading, its header): all checked, no tensor
+    data read. The caller closes the file (``with``). What is read from it is the file the JSON
+    named, even if a training run replaces the checkpoint meanwhile."""
     json_path = _resolve_checkpoint_json(path)
     if path is None and not os.path.isfile(json_path):
         raise CheckpointError(f"the embedded model {json_path!r} is missing from this installation")
-    meta = _read_meta(json_path)
-    weights = _weights_path(json_path, meta)
-    return json_path, meta, weights, _read_header(weights)
+    for attempt in range(_RACE_RETRIES + 1):
+        meta = _read_meta(json_path)
+        f = None
+        try:
+            weights = _weights_path(json_path, meta)
+            f = open(weights, "rb")
+            return json_path, meta, f, _read_header(weights)
+        except (CheckpointError, OSError):
+            if f is not None:
+                f.close()
+            if attempt == _RACE_RETRIES or not os.path.isfile(json_path) or _read_meta(json_path) == meta:
+                raise
+            # a newer checkpoint replaced this one meanwhile: read that one
+        except BaseException:
+            if f is not None:
+                f.close()
+            raise
+    raise AssertionError("unreachable")
 
 
 def read_checkpoint(path: Optional[str] = None, *, verify: bool = True) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """(meta, tensors) of a checkpoint: a training folder, its ``.json`` or its ``.safetensors``;
     None = the embedded digits model. Never unpickles; checks the SHA-256 the JSON records."""
     json_path, meta, weights, _ = _open_checkpoint(path)
-    tensors = _read_tensors(json_path, meta, weights, verify)
+    with weights:
+        tensors = _read_tensors(json_path, meta, weights, verify)
     meta["_json_path"] = json_path
     return meta, tensors
 
@@ -290,12 +315,13 @@ def load_model(path: Optional[str] = None, *, device="cpu", weights: str = "ema"
     if weights not in ("ema", "model"):
         raise ValueError(f"weights: expected 'ema' or 'model', got {weights!r}")
     json_path, meta, weights_file, header = _open_checkpoint(path)
-    schedule = schedule_from_config(meta["schedule"])
-    shapes = _model_shapes(meta["model"], json_path)
-    if not any(k.startswith(weights + "/") for k in header):
-        raise CheckpointError(f"checkpoint {json_path!r} holds no {weights!r} weights (it has {meta.get('contents')})")
-    _check_fit(shapes, header, weights + "/", f"checkpoint {json_path!r} ({weights})")
-    tensors = _read_tensors(json_path, meta, weights_file, verify=True)
+    with weights_file:
+        schedule = schedule_from_config(meta["schedule"])
+        shapes = _model_shapes(meta["model"], json_path)
+        if not any(k.startswith(weights + "/") for k in header):
+            raise CheckpointError(f"checkpoint {json_path!r} holds no {weights!r} weights (it has {meta.get('contents')})")
+        _check_fit(shapes, header, weights + "/", f"checkpoint {json_path!r} ({weights})")
+        tensors = _read_tensors(json_path, meta, weights_file, verify=True)
     model = UNet.from_config(meta["model"])
     _load_weights(model, _sub(tensors, weights + "/"), f"checkpoint {json_path!r} ({weights})")
     return model.to(device).eval(), schedule

@@ -404,27 +404,28 @@ def train(
         if not os.path.isfile(json_path):
             raise CheckpointError(f"resume: no checkpoint at {json_path!r}")
         json_path, meta, weights_file, header = _open_checkpoint(json_path)
-        if "optimizer" not in meta or not any(k.startswith("optim/") for k in header):
-            raise CheckpointError(
-                f"resume: {json_path!r} is a sampling checkpoint (contents {meta.get('contents')}); only a training "
-                "run's checkpoint (model, ema and optimizer state) can be resumed"
-            )
-        saved = TrainConfig.from_json(meta.get("train"), where=json_path)
-        _fill_bookkeeping(cfg, saved)
-        cfg.validate()
-        _check_resume_fixed(saved, cfg, json_path)
-        shapes = _model_shapes(meta["model"], json_path)
-        for prefix in ("model/", "ema/"):
-            _check_fit(shapes, header, prefix, f"checkpoint {json_path!r} ({prefix[:-1]})")
-        step = meta.get("step")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise CheckpointError(f"checkpoint config {json_path!r}: 'step' must be an integer >= 0, got {step!r}")
-        if cfg.steps < step:
-            raise ValueError(f"steps: the run in {cfg.out!r} is already at step {step}; expected steps >= {step}")
-        if cfg.steps == step:  # nothing to do, and no file is touched
-            return {"steps": step, "loss": meta.get("loss"), "elapsed_s": meta.get("elapsed_s", 0.0),
-                    "checkpoint": json_path, "rank": rank, "world_size": world, "already_finished": True}
-        tensors = _read_tensors(json_path, meta, weights_file, verify=True)
+        with weights_file:  # closed on every way out of this block
+            if "optimizer" not in meta or not any(k.startswith("optim/") for k in header):
+                raise CheckpointError(
+                    f"resume: {json_path!r} is a sampling checkpoint (contents {meta.get('contents')}); only a training "
+                    "run's checkpoint (model, ema and optimizer state) can be resumed"
+                )
+            saved = TrainConfig.from_json(meta.get("train"), where=json_path)
+            _fill_bookkeeping(cfg, saved)
+            cfg.validate()
+            _check_resume_fixed(saved, cfg, json_path)
+            shapes = _model_shapes(meta["model"], json_path)
+            for prefix in ("model/", "ema/"):
+                _check_fit(shapes, header, prefix, f"checkpoint {json_path!r} ({prefix[:-1]})")
+            step = meta.get("step")
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise CheckpointError(f"checkpoint config {json_path!r}: 'step' must be an integer >= 0, got {step!r}")
+            if cfg.steps < step:
+                raise ValueError(f"steps: the run in {cfg.out!r} is already at step {step}; expected steps >= {step}")
+            if cfg.steps == step:  # nothing to do, and no file is touched
+                return {"steps": step, "loss": meta.get("loss"), "elapsed_s": meta.get("elapsed_s", 0.0),
+                        "checkpoint": json_path, "rank": rank, "world_size": world, "already_finished": True}
+            tensors = _read_tensors(json_path, meta, weights_file, verify=True)
     else:
         _fill_bookkeeping(cfg, None)
         cfg.validate()

@@ -589,3 +589,61 @@ def test_horizontal_flip_changes_the_batches(tmp_path):
     a, b = file_tensors(tmp_path / "plain"), file_tensors(tmp_path / "flip")
     assert read_checkpoint(str(tmp_path / "flip"))[0]["train"]["flip"] is True
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("model/"))
+
+
+def _next_checkpoint(out):
+    """What a training run does at its next checkpoint: new weights, then the JSON naming them,
+    then the old weights removed. Returns the new tensors."""
+    meta, tensors = read_checkpoint(str(out))
+    tensors = {k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}
+    keep = {k: v for k, v in meta.items() if k not in ("format", "version", "weights", "sha256", "_json_path")}
+    keep["step"] = meta["step"] + 1
+    checkpoints.write_checkpoint(str(out / "checkpoint.json"), tensors, keep,
+                                 weights_name=f"checkpoint-{keep['step']:08d}.safetensors")  # fmt: skip
+    os.remove(out / meta["weights"])
+    return tensors
+
+
+def _ema(model):
+    return {f"ema/{k}": v for k, v in model.state_dict().items()}
+
+
+def test_loading_while_the_run_checkpoints_reads_the_newer_checkpoint(ckpt, monkeypatch):
+    # the run writes its next checkpoint between the reader's JSON read and its open of the weights
+    real, newer = checkpoints._read_meta, {}
+
+    def read_meta(path):
+        meta = real(path)
+        if not newer:
+            newer["started"] = True  # _next_checkpoint reads the checkpoint too
+            newer.update(_next_checkpoint(ckpt))
+            del newer["started"]
+        return meta
+
+    monkeypatch.setattr(checkpoints, "_read_meta", read_meta)
+    model, _ = load_model(str(ckpt))
+    assert newer and all(torch.equal(v, newer[k]) for k, v in _ema(model).items())
+    assert read_checkpoint(str(ckpt))[0]["step"] == 2
+
+
+def test_weights_removed_after_they_were_opened_are_still_read_whole(ckpt, monkeypatch):
+    # the run removes the old weights after the reader opened them (between header and data reads)
+    old = read_checkpoint(str(ckpt))[1]
+    real, done = checkpoints._read_header, []
+
+    def read_header(weights):
+        header = real(weights)
+        if not done:
+            done.append("started")  # _next_checkpoint reads the checkpoint too
+            done.append(_next_checkpoint(ckpt))
+        return header
+
+    monkeypatch.setattr(checkpoints, "_read_header", read_header)
+    model, _ = load_model(str(ckpt))
+    assert done and all(torch.equal(v, old[k]) for k, v in _ema(model).items())
+
+
+def test_a_missing_weights_file_with_an_unchanged_json_is_still_an_error(ckpt):
+    os.remove(_weights(ckpt))
+    with pytest.raises(CheckpointError, match="do not exist"):
+        load_model(str(ckpt))
