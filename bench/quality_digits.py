@@ -22,7 +22,7 @@ from ddim_fast.train import load_model
 # The configurations that lead on the mixtures (docs/results/quality.md); the CPU budget of a
 # shared 2-core machine (~3.5 s per call of batch 500) does not fit every cell.
 OURS = [("ipndm", "logsnr"), ("ipndm", "quad"), ("ipndm", "tuned"), ("unipc", "logsnr"), ("unipc", "quad"),
-        ("dpmpp_3m", "logsnr"), ("ipndm_v", "quad"), ("unipc", "tuned")]  # fmt: skip
+        ("dpmpp_3m", "logsnr"), ("ipndm_v", "quad"), ("unipc", "tuned"), ("unipc", "tuned_log")]  # fmt: skip
 DIFFUSERS = [("dpm", 2, "karras"), ("dpm", 3, "linspace"), ("unipc", 2, "linspace"), ("deis", 3, "linspace")]
 
 
@@ -96,10 +96,11 @@ def main(argv=None):
             if skip == "tuned" and (solver, f"S{S}") in tuned_from:
                 skip_arg = np.array(tuned_from[(solver, f"S{S}")])
                 extra = dict(tuned_from=args.tuned_from)
-            elif skip == "tuned":
+            elif skip in ("tuned", "tuned_log"):
                 info = {}
+                loss = "log" if skip == "tuned_log" else "rms"
                 tau = tune.tune_timesteps(model, S, (args.tune_batch, C, H, W), schedule, solver, seed=1, progress=False, info=info,
-                                          max_trials=args.tune_trials)  # fmt: skip
+                                          max_trials=args.tune_trials if loss == "rms" else 3 * args.tune_trials, loss=loss)  # fmt: skip
                 skip_arg = tau.numpy()
                 extra = dict(tune_seconds=info["seconds"], tune_start=info["start"], tune_calls=info["model_calls"])
             else:

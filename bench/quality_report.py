@@ -27,11 +27,14 @@ _DIFFUSERS_NAMES = {"dpm2": "DPMSolverMultistep 2M", "dpm3": "DPMSolverMultistep
                     "unipc3": "UniPCMultistep 3", "deis2": "DEISMultistep 2", "deis3": "DEISMultistep 3"}  # fmt: skip
 
 
+_SPACING_NAMES = {"tuned_log": "tuned (log loss)"}  # bench/quality_cells.py's TUNINGS
+
+
 def pretty(cfg):
     """'ours|ipndm|quad' -> 'ipndm, quad'; 'diffusers|dpm2|karras' -> 'diffusers DPMSolverMultistep 2M, karras'."""
     who, name, spacing = cfg.split("|")
     if who == "ours":
-        return f"{name}, {spacing}"
+        return f"{name}, {_SPACING_NAMES.get(spacing, spacing)}"
     return f"diffusers {_DIFFUSERS_NAMES.get(name, name)}, {spacing}"
 
 
@@ -176,8 +179,9 @@ def main(argv=None):
     p.add_argument("--out", default="docs/results/quality.md")
     args = p.parse_args(argv)
     out = ["# Fewer model calls at the same quality (issue 15)", "",
-           "Commands: `OMP_NUM_THREADS=1 nice python bench/quality_cells.py --n 20000` (mixtures), "
-           "`OMP_NUM_THREADS=1 nice python bench/quality_digits.py --n 1000` (digits), then `python bench/quality_report.py`.",
+           "Commands: `OMP_NUM_THREADS=1 nice python bench/quality_cells.py --n 20000` (mixtures; `--retune` re-tunes "
+           "the tuned cells after a tuner change), `OMP_NUM_THREADS=1 nice python bench/quality_digits.py --n 500 --batch 500 "
+           "--steps 5,6,8,10` (digits), then `python bench/quality_report.py`.",
            ""]  # fmt: skip
     cells = json.load(open(args.mixtures))
     lines, by, mixes = mixture_tables(cells, args.n)

@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--steps", type=_positive, required=True, help="number of sampling steps S")
     u.add_argument("--solver", default="ipndm", choices=SOLVERS, help="the solver the timesteps are tuned for (default ipndm)")
     u.add_argument("--batch", type=_positive, default=64, help="images in the tuning batch (default 64)")
+    u.add_argument("--loss", default="rms", choices=("rms", "log"),
+                   help="what is minimised against the reference: the batch's RMS error (default), or 'log', the geometric "
+                   "mean of the samples' RMS errors, for data whose fine structure the RMS error misses (tune_timesteps)")
     u.add_argument("--out", required=True, help="the .json file to write")
     u.add_argument("--force", action="store_true", help="replace an existing --out")
 
@@ -407,7 +410,7 @@ def _cmd_tune(args) -> int:
     t0 = time.perf_counter()
     info = {}  # tune_timesteps fills in how the tuning went (method, errors before/after, ...)
     timesteps = tune_timesteps(model, args.steps, (args.batch, cfg["in_channels"], cfg["resolution"], cfg["resolution"]),
-                               schedule=schedule, solver=args.solver, seed=args.seed, info=info)
+                               schedule=schedule, solver=args.solver, seed=args.seed, loss=args.loss, info=info)
     info = {"seed": args.seed, "batch": args.batch, "seconds": round(time.perf_counter() - t0, 1), **info,
             "ckpt": "embedded" if args.ckpt is None else args.ckpt, "weights": args.weights}
     with _writing(args.out, "--out"):

@@ -4,22 +4,34 @@ The search is GITS (Chen et al., "On the Trajectory Regularity of ODE-based Diff
 Sampling", ICML 2024), followed by a direct local search on the solver's own error:
 
 1. A fine teacher trajectory from x_T (DPM-Solver++(3M) on ``teacher_steps`` timesteps, a fine
-   superset of the candidate grid) gives the ODE state x_i and the model's eps_i at every grid
-   timestep, and the converged end point x0*.
-2. GITS' dynamic program: the cost of a jump i -> j is the RMS error of one DDIM step (Eq. 12,
+   superset of the candidate grid) gives the ODE state x_i and the model's x0-prediction (hence
+   eps_i) at every grid timestep, and the converged end point x0*.
+2. GITS' dynamic program: the cost of a jump i -> j is the error (``loss``) of one DDIM step (Eq. 12,
    eta = 0) from the teacher's (x_i, eps_i) against the teacher's x_j; the cheapest path of
    exactly S jumps from t = T - 1 to alpha = 1 is found in O(S G^2) with no further model calls.
    GITS picks it because the trajectory is regular (nearly the same shape for every x_T), so a
    small batch suffices, and the local costs are shared by every candidate path.
 3. The DP optimises DDIM's local errors, not the chosen multistep solver's global error, so the
-   best of (the DP path, the "logsnr", "karras" and "quad" spacings) by the solver's actual RMS
+   best of (the DP path, the "logsnr", "karras" and "quad" spacings) by the solver's actual
    distance to x0* is refined by coordinate descent: each interior timestep moves along the
-   grid (steps of 4, 2, 1 grid points) while the end-to-end error falls (a direct search in the
-   spirit of LD3, Tong et al. 2024, without gradients: S model calls per trial).
+   grid (steps of 4, 2, 1 grid points; 16 first with the "log" loss) while the end-to-end error
+   falls (a direct search in the spirit of LD3, Tong et al. 2024, without gradients: S model
+   calls per trial).
 
-Everything is deterministic for a seed: x_T is the sampler's own Philox x_T of that seed, the
-batch is one forward per step, and ties keep the earlier candidate. The result is never worse,
-on the tuning batch, than the best named spacing it started from.
+The distance (``loss``) is the RMS error over the batch ("rms", GITS' and LD3's L2), or the
+geometric mean of the samples' own RMS errors ("log"). The RMS error is dominated by the few
+samples whose trajectory ends in another mode, so it cannot see the data's fine structure: on
+a mixture of narrow modes (std 0.05 in D = 8) it keeps the smallest timestep where the final
+x0-prediction collapses every mode to a fifth of its width. The log loss weighs every sample's
+relative error alike (docs/results/quality.md: what each gives on the mixtures; give it
+``max_trials`` defaults to 120 for it, as the measurements there use).
+
+Every run is the sampler's own: a ``trajectory.Plan`` run by ``trajectory.run`` (the one loop,
+the one output normalisation ``trajectory.ModelCall``, the fused op), recording the teacher's
+states and x0-predictions in the loop's own buffers. Everything is deterministic for a seed:
+x_T is the sampler's own Philox x_T of that seed, the batch is one forward per step, and ties
+keep the earlier candidate. The result is never worse, on the tuning batch and by its loss,
+than the best named spacing it started from.
 """
 
 from __future__ import annotations
@@ -34,76 +46,65 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ddim_fast import layout, ops, reference, solvers
+from ddim_fast import layout, ops, reference, solvers, trajectory
 from ddim_fast.schedule import NoiseSchedule
 
 __all__ = ["tune_timesteps", "save_tuned", "load_tuned", "schedule_digest", "FORMAT"]
 
 FORMAT = "ddim_fast.tuned_timesteps/1"
 START_SPACINGS = ("logsnr", "karras", "quad")
-
-
-def _model_output(out) -> torch.Tensor:
-    if torch.is_tensor(out):
-        return out
-    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
-        return out[0]
-    if hasattr(out, "sample") and torch.is_tensor(out.sample):
-        return out.sample
-    raise ValueError(f"model: expected a tensor, a tuple starting with one, or an object with .sample, got {type(out).__name__}")
+# Grid points a timestep moves per trial, coarse to fine. The "log" loss's basins lie far apart on
+# the grid (sharp mixture, S = 5: smallest timestep ~70 under "rms", 2-15 under "log"); started
+# at 4 it stopped in the nearer one (unipc, 60 trials: 7.9x DDIM S = 20's score; from 16: 2.6x,
+# and 2.05x with 120 trials; n = 4,000). With "rms", 16 first was worse (11.9x vs 7.2x).
+_DELTAS = {"rms": (4, 2, 1), "log": (16, 8, 4, 2, 1)}
 
 
 class _Runner:
-    """The model plus the one op on one batch: runs a solver's table from x_T (float32 state)."""
+    """The model on one batch, run through the sampler's own plan and loop (``ddim_fast.trajectory``):
+    the same output normalisation (``ModelCall``: tensor, tuple, ``.sample``, learned variance),
+    the same fused op, float32 state, from the sampler's Philox x_T of ``seed``."""
 
     def __init__(self, model, schedule, shape, seed, model_kwargs, prediction, backend):
-        self.model, self.schedule, self.kwargs = model, schedule, dict(model_kwargs or {})
+        self.schedule, self.kwargs, self.shape = schedule, dict(model_kwargs or {}), tuple(shape)
         p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
         self.device = p.device if p is not None else torch.device("cpu")
         self.backend = ops.resolve_backend(backend, self.device)  # validates the name too
         self.prediction = layout.PREDICTIONS[prediction]
         self.x_T = reference.gaussian(seed, shape, step=0, stream=layout.STREAM_X_T, device=self.device)
         self.seed = torch.tensor([seed, 0], dtype=torch.int64, device=self.device)
+        self.call = trajectory.ModelCall(model)
         self.calls = 0
+        self.on_call = None  # progress: called once per model call
 
-    def model_out(self, x, t: int) -> torch.Tensor:
-        tt = torch.full((x.shape[0],), int(t), dtype=torch.int64, device=x.device)
-        with torch.inference_mode():
-            m = _model_output(self.model(x, tt, **self.kwargs))
+    def model(self, x, t, k, kwargs):
+        """The loop's model (``Plan.model``): ``ModelCall`` plus a call count for the progress bar."""
         self.calls += 1
-        if tuple(m.shape) != tuple(x.shape):
-            raise ValueError(f"model: expected an output of the input's shape {tuple(x.shape)}, got {tuple(m.shape)}")
-        return m.contiguous()
+        if self.on_call is not None:
+            self.on_call()
+        return self.call(x, t, k, kwargs)
 
-    def run(self, st: solvers.SolverTable, tau, *, record: bool = False, on_step=None):
-        """x_0 of the solver along tau; with record: also (state, eps) at each timestep, noisiest first."""
-        table = st.table.to(torch.float32).to(self.device).contiguous()
-        x = self.x_T.clone()
-        R = st.history_slots
-        hist = torch.empty((R, *x.shape), device=self.device) if R else None
-        saved = torch.zeros_like(x) if st.uses_saved else None
-        states, eps = [], []
-        sa = st.table[:, layout.SQRT_ALPHA].tolist()
-        s1m = st.table[:, layout.SQRT_ONE_MINUS_ALPHA].tolist()
-        for k, t in enumerate(np.asarray(tau)[::-1].tolist()):
-            m = self.model_out(x, t)
-            if record:
-                states.append(x.clone())
-                mf = m.to(torch.float32)
-                if self.prediction == layout.PREDICTIONS["epsilon"]:
-                    e = mf
-                elif self.prediction == layout.PREDICTIONS["v"]:
-                    e = sa[k] * mf + s1m[k] * x
-                else:
-                    e = (x - sa[k] * mf) / s1m[k]
-                eps.append(e)
-            out = torch.empty_like(x)
-            ops.run_step(x, m, table, k, self.seed, self.prediction, 0.0, st.history_kind, hist, saved, None, out, None, None,
-                         self.backend)  # fmt: skip
-            x = out
-            if on_step is not None:
-                on_step()
-        return (x, states, eps) if record else x
+    def probe(self) -> None:
+        """One call at t = T - 1 on x_T: a model that rejects the shape fails here, before any work."""
+        t = torch.full((self.shape[0],), self.schedule.T - 1, dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            self.model(self.x_T, t, 0, self.kwargs)
+
+    def run(self, st: solvers.SolverTable, tau, *, record: bool = False):
+        """x_0 of the solver along tau; with record, the ``trajectory.Trajectory`` (every state
+        and x0-prediction, noisiest first)."""
+        t_host = np.asarray(tau, dtype=np.int64)[::-1].copy()
+        plan = trajectory.Plan(
+            kind="tune", table=st.table.to(torch.float32).to(self.device).contiguous(), history_kind=st.history_kind,
+            history_slots=st.history_slots, uses_saved=st.uses_saved,
+            timesteps=torch.as_tensor(t_host, device=self.device)[:, None].expand(-1, self.shape[0]).contiguous(),
+            t_host=t_host, prediction=self.prediction, clip=0.0, seed=self.seed, noise=None, model=self.model,
+            model_kwargs=self.kwargs, autocast_dtype=None, backend=self.backend, table_key=(), model_key=(),
+        )  # fmt: skip
+        bufs = trajectory.allocate(plan, self.x_T, record)
+        trajectory.run(plan, bufs)
+        trajectory.check_finite(plan, bufs, self.x_T)
+        return trajectory.result(plan, bufs, copy=False)
 
 
 def _check_int(name, value, lo, hi=None):
@@ -115,6 +116,23 @@ def _check_int(name, value, lo, hi=None):
 
 def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+
+def _log_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The geometric mean over the batch of each sample's RMS error: exp(mean_i log rms_i).
+
+    Scale-free per sample: halving a 0.01 error counts as much as halving a 1.0 error, so a few
+    samples that change mode (errors of the order of the data's range) no longer outweigh every
+    sample's fine structure. On the sharp mixture (mode std 0.05, docs/results/quality.md) the RMS
+    objective keeps the smallest timestep near t = 70, where the last x0-prediction collapses each
+    mode to ~20% of its width (score 0.63 at S = 5); this one moves it to t ~ 2-8.
+    """
+    d = (a.double() - b.double()).reshape(a.shape[0], -1)
+    return float(d.pow(2).mean(1).clamp_min(1e-30).log().mean().mul(0.5).exp())
+
+
+# loss name -> (x, reference) -> float: what the dynamic program and the search minimise.
+LOSSES = {"rms": _rms, "log": _log_rms}
 
 
 def _dp_path(cost: np.ndarray, S: int) -> list:
@@ -148,9 +166,10 @@ def tune_timesteps(
     grid: int = 80,
     teacher_steps: int = 200,
     refine: bool = True,
-    max_trials: int = 60,
+    max_trials: Optional[int] = None,
     prediction: str = "epsilon",
     backend: str = "auto",
+    loss: str = "rms",
     info: Optional[Dict[str, Any]] = None,
 ) -> torch.Tensor:
     """Timesteps for ``FusedSampler(model, schedule, steps=steps, solver=solver, skip=<these>)``,
@@ -161,8 +180,10 @@ def tune_timesteps(
     Options: ``grid`` candidate timesteps (the union of log-SNR and Karras spacings of that
     size), ``teacher_steps`` of the reference trajectory, ``refine``/``max_trials`` for the local
     search (each trial costs ``steps`` model calls), ``prediction`` of the model, ``backend`` of
-    the op. ``info``, when a dict, receives how the tuning went (errors before/after, seconds,
-    model calls) for ``save_tuned``.
+    the op, ``loss``: what is minimised against the teacher, "rms" (the RMS error over the batch)
+    or "log" (the geometric mean of the samples' RMS errors, ``_log_rms``: for data with fine
+    structure, docs/results/quality.md). ``info``, when a dict, receives how the tuning went
+    (errors before/after, seconds, model calls) for ``save_tuned``.
     """
     t_start = time.perf_counter()
     schedule = NoiseSchedule.linear(1000) if schedule is None else schedule
@@ -178,6 +199,9 @@ def tune_timesteps(
         raise ValueError(f"solver: {solver!r} cannot be tuned here ({e})") from e
     if solver == "dpmpp_2m_sde":
         raise ValueError("solver: 'dpmpp_2m_sde' is stochastic and has no single ODE trajectory to tune against; tune 'dpmpp_2m'")
+    if loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {tuple(LOSSES)}, got {loss!r}")
+    _loss = LOSSES[loss]
     if prediction not in layout.PREDICTIONS:
         raise ValueError(f"prediction: expected one of {tuple(layout.PREDICTIONS)}, got {prediction!r}")
     try:
@@ -188,6 +212,8 @@ def tune_timesteps(
         raise ValueError(f"shape: expected positive sizes with a leading batch dimension, got {shape}")
     G = _check_int("grid", grid, 4, T)
     teacher_steps = _check_int("teacher_steps", teacher_steps, 1, T)
+    if max_trials is None:  # the "log" loss searches from coarser moves (_DELTAS): twice the trials
+        max_trials = 120 if loss == "log" else 60
     max_trials = _check_int("max_trials", max_trials, 0)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
         raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
@@ -195,10 +221,9 @@ def tune_timesteps(
 
     runner = _Runner(model, schedule, shape, seed, model_kwargs, prediction, backend)
     try:
-        probe = runner.model_out(runner.x_T, T - 1)
+        runner.probe()
     except Exception as e:  # the model's own error for this shape, whatever its type
         raise ValueError(f"shape: the model rejects input of shape {shape} ({type(e).__name__}: {e})") from e
-    del probe
 
     # Candidate grid (increasing, T - 1 included) and the teacher's timesteps, a superset of it.
     cand = np.union1d(solvers.logsnr_timesteps(schedule, min(G, T)), solvers.karras_timesteps(schedule, min(G, T)))
@@ -207,26 +232,27 @@ def tune_timesteps(
     total = len(fine) + len(START_SPACINGS) * S + n_trials * S
     bar = _progress(total, progress, f"tune {solver} S={S}")
     try:
-        teacher = solvers.build("dpmpp_3m", schedule, fine)
-        x0_star, states, eps = runner.run(teacher, fine, record=True, on_step=lambda: bar.update(1))
+        runner.on_call = lambda: bar.update(1)
+        teacher = runner.run(solvers.build("dpmpp_3m", schedule, fine), fine, record=True)
+        x0_star = teacher.x0
         at = {int(t): i for i, t in enumerate(fine[::-1].tolist())}  # timestep -> teacher step
         a = schedule.alphas_cumprod
         nodes = cand[::-1]  # noisiest first; node G_c = the end (alpha = 1)
         Gc = len(nodes)
-        X = [states[at[int(t)]] for t in nodes] + [x0_star]
-        E = [eps[at[int(t)]] for t in nodes]
+        X = [teacher.xs[at[int(t)]].double() for t in nodes] + [x0_star.double()]
+        X0 = [teacher.x0_preds[at[int(t)]].double() for t in nodes]
         sa = [math.sqrt(float(a[int(t)])) for t in nodes] + [1.0]
         s1m = [math.sqrt(1.0 - float(a[int(t)])) for t in nodes] + [0.0]
         cost = np.full((Gc + 1, Gc + 1), np.inf)
         for i in range(Gc):
-            x0_i = (X[i] - s1m[i] * E[i]) / sa[i]
+            eps_i = (X[i] - sa[i] * X0[i]) / s1m[i]
             for j in range(i + 1, Gc + 1):  # one DDIM step i -> j from the teacher's state
-                cost[i, j] = _rms(sa[j] * x0_i + s1m[j] * E[i], X[j])
+                cost[i, j] = _loss(sa[j] * X0[i] + s1m[j] * eps_i, X[j])
         dp = sorted(int(nodes[i]) for i in _dp_path(cost, S))
 
         def error(tau) -> float:
             st = solvers.build(solver, schedule, tau)
-            return _rms(runner.run(st, tau, on_step=lambda: bar.update(1)), x0_star)
+            return _loss(runner.run(st, tau), x0_star)
 
         starts = {"gits_dp": np.asarray(dp, dtype=np.int64)}
         for name in START_SPACINGS:
@@ -239,7 +265,7 @@ def tune_timesteps(
         trials = 0
         if refine and S >= 2:
             pos = {int(t): i for i, t in enumerate(cand.tolist())}
-            for delta in (4, 2, 1):
+            for delta in _DELTAS[loss]:
                 improved = True
                 while improved and trials < n_trials:
                     improved = False
@@ -269,7 +295,7 @@ def tune_timesteps(
     if info is not None:
         info.update(
             method="GITS dynamic program (Chen et al. 2024) + coordinate descent on the solver's RMS error to the teacher",
-            seed=int(seed), batch=list(shape), teacher="dpmpp_3m", teacher_steps=int(len(fine)), grid=int(len(cand)),
+            seed=int(seed), batch=list(shape), loss=loss, teacher="dpmpp_3m", teacher_steps=int(len(fine)), grid=int(len(cand)),
             start=start_name, start_errors={k: float(v) for k, v in errors.items()}, error_before=float(errors[start_name]),
             error_after=float(best_err), trials=int(trials), model_calls=int(runner.calls),
             seconds=round(time.perf_counter() - t_start, 3),

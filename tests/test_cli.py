@@ -324,7 +324,7 @@ def test_tune_then_sample_with_the_tuned_timesteps(run_dir, tmp_path, capsys, mo
     seen = {}
 
     def stub(model, steps, shape, schedule=None, solver="ipndm", seed=0, model_kwargs=None, **options):
-        seen.update(steps=steps, shape=shape, solver=solver, seed=seed, T=schedule.T)
+        seen.update(steps=steps, shape=shape, solver=solver, seed=seed, T=schedule.T, loss=options.get("loss"))
         options["info"]["method"] = "stub"
         return torch.tensor([0, 150, 400, 777])
 
@@ -333,12 +333,12 @@ def test_tune_then_sample_with_the_tuned_timesteps(run_dir, tmp_path, capsys, mo
     argv = ["tune", "--ckpt", str(run_dir), "--steps", "4", "--solver", "dpmpp_2m", "--batch", "5", "--seed", "3", "--out", str(out)]
     assert main(argv) == 0
     assert "0,150,400,777" in capsys.readouterr().out
-    assert seen == {"steps": 4, "shape": (5, 1, 8, 8), "solver": "dpmpp_2m", "seed": 3, "T": 1000}
+    assert seen == {"steps": 4, "shape": (5, 1, 8, 8), "solver": "dpmpp_2m", "seed": 3, "T": 1000, "loss": "rms"}
     record = json.loads(out.read_text())
     assert record["timesteps"] == [0, 150, 400, 777] and record["info"]["method"] == "stub" and record["info"]["batch"] == 5
     assert main(argv) == 2
     assert "already exists; pass --force" in _error(capsys, "tune")
-    assert main([*argv, "--force"]) == 0
+    assert main([*argv, "--force", "--loss", "log"]) == 0 and seen["loss"] == "log"
 
     npz = tmp_path / "x.npz"
     common = ["sample", "--ckpt", str(run_dir), "--n", "2", "--seed", "1", "--precision", "fp32", "--out", str(tmp_path / "g.png")]
