@@ -4,7 +4,8 @@ Run: ``pytest bench/test_bench_loop.py --benchmark-only``. ``FusedSampler.sample
 compared, in interleaved rounds of the same test, with (a) diffusers' ``DDIMScheduler.step`` loop on
 the same model (eta 0 and eta 1; issue 13's target: >= 10x) and (b) one
 ``torch.add(x, e, alpha=, out=)`` per step (eta 0; target: <= 2x). Ratios go to ``extra_info``
-and the terminal summary; nothing here asserts a speed.
+and the terminal summary, with the thread count they were measured at (``torch.get_num_threads()``:
+OMP_NUM_THREADS, else one per core; run it at 1 and at the default); nothing here asserts a speed.
 """
 
 import statistics
@@ -58,7 +59,7 @@ def test_loop_cost_per_step(benchmark, report_ratio, eta):
         for _ in range(S):
             torch.add(x_T, e, alpha=0.5, out=buf)
 
-    benchmark.group = f"loop cost per step, null model, 64x3x32x32 S={S}"
+    benchmark.group = f"loop cost per step, null model, 64x3x32x32 S={S} ({torch.get_num_threads()} threads)"
     benchmark.pedantic(lambda: sampler.sample(x_T, seed=0), rounds=5, warmup_rounds=1)
     if benchmark.stats is None:
         return
@@ -72,10 +73,11 @@ def test_loop_cost_per_step(benchmark, report_ratio, eta):
     vs_diffusers = paired_ratio(times, "diffusers", "ours")
     vs_add = paired_ratio(times, "ours", "torch_add")  # > 1: ours costs more than one add
     benchmark.extra_info.update({
-        "backend_auto_cpu": ops.resolve_backend("auto", "cpu"), "rounds": ROUNDS, "us_per_step": per_step_us,
+        "backend_auto_cpu": ops.resolve_backend("auto", "cpu"), "threads": torch.get_num_threads(), "rounds": ROUNDS,
+        "us_per_step": per_step_us,
         "speedup_vs_diffusers_step_loop": vs_diffusers, "ours_per_step_over_one_torch_add": vs_add,
         "steps_per_s": 1e6 / per_step_us["ours"],
     })  # fmt: skip
-    report_ratio(f"null model 64x3x32x32 S={S} eta={eta}: ours {per_step_us['ours']:.1f} us/step, "
+    report_ratio(f"null model 64x3x32x32 S={S} eta={eta}, {torch.get_num_threads()} threads: ours {per_step_us['ours']:.1f} us/step, "
                  f"{vs_diffusers:.1f}x diffusers' step loop ({per_step_us['diffusers']:.1f} us), "
                  f"{vs_add:.2f}x one torch.add ({per_step_us['torch_add']:.1f} us); median of {ROUNDS} paired rounds")  # fmt: skip

@@ -7,11 +7,15 @@
 //         u = float(r >= 0 ? r : ~r) * 4.6566127342e-10f   (r as int32),
 //         (z0, z1) = BoxMuller(u0, u1), (z2, z3) = BoxMuller(u2, u3).
 //
-// Two paths that give the same bits: plain C++ that gcc vectorizes (normals_portable, ~1.5 ns
-// per normal per core with AVX-512), and hand-written AVX-512 (normals_avx512, ~0.9 ns), picked
-// at load time; torch.randn takes ~3.4 ns. log, sin and cos are written out (fdlibm's logf;
-// sin/cos by quadrant reduction and cephes' polynomials) because libm's scalar calls do not
-// vectorize. They are within ~1 float32 ulp, so the noise is within ~1e-6 of reference.gaussian.
+// Two paths that give the same bits: plain C++ that gcc vectorizes (normals_portable, ~2.0 ns
+// per normal per core in the AVX-512 build, where its table loads are gathers; ~2.5 ns with
+// AVX2), and hand-written AVX-512 (normals_avx512, ~0.54 ns: Philox 0.27, Box-Muller 0.23),
+// picked at load time; torch.randn takes ~2.4 ns (1 thread of a Sapphire Rapids core). log,
+// sin and cos are written out because libm's scalar calls do not vectorize: table-driven, with
+// no division and no branch (neg2_log, sincos_sector), within ~1.2 ulp (log) and 4e-8 (sin, cos;
+// the quadrant-reduction version before took 0.44 ns per normal for Box-Muller, against 0.23).
+// The noise stays within 1e-6 of reference.gaussian (tests/test_cpp_kernel.py; over 2^25 draws
+// the largest gap is 9.5e-7 = 2 ulp at |z| ~ 4, as before: mostly torch's own rounding).
 //
 // Included by ddim_step.cpp only (inside its anonymous namespace); needs DDIM_INLINE.
 
@@ -25,6 +29,7 @@
 
 constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;  // multiplies counter word 0
 constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;  // multiplies counter word 2
+constexpr float kUniformScale = 4.6566127342e-10f;  // Triton's 2^-31 (rounds to 2^-31 (1 - 2^-24))
 constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;    // Weyl key increments (golden ratio, sqrt(3) - 1)
 constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
 
@@ -74,62 +79,102 @@ DDIM_INLINE uint32_t float_to_bits(float f) {
   return u;
 }
 
-// Triton's uint_to_uniform_float: the word as int32, negative ones mirrored (~r), times 2^-31.
-DDIM_INLINE float uniform(uint32_t r) {
+// Triton's uint_to_uniform_float: the word as int32, negative ones mirrored (~r), times 2^-31
+// (4.6566127342e-10f is the float just below 2^-31, so u is rounded: keep the multiply).
+DDIM_INLINE int32_t uniform_int(uint32_t r) {
   const int32_t s = static_cast<int32_t>(r);
-  return static_cast<float>(s < 0 ? ~s : s) * 4.6566127342e-10f;
+  return s ^ (s >> 31);  // s < 0 ? ~s : s, in [0, 2^31)
 }
 
-// Natural log for normal positive floats (fdlibm/musl logf, < 1 ulp):
-// x = 2^k (1 + f), 1 + f in [sqrt(2)/2, sqrt(2)), log(1 + f) = 2 atanh(s), s = f / (2 + f).
-DDIM_INLINE float log_positive(float x) {
-  constexpr float ln2_hi = 6.9313812256e-01f, ln2_lo = 9.0580006145e-06f;
-  constexpr float Lg1 = 0.66666662693f, Lg2 = 0.40000972152f, Lg3 = 0.28498786688f, Lg4 = 0.24279078841f;
-  uint32_t ix = float_to_bits(x);
-  ix += 0x3f800000u - 0x3f3504f3u;
-  const int32_t k = static_cast<int32_t>(ix >> 23) - 0x7f;
-  ix = (ix & 0x007fffffu) + 0x3f3504f3u;
-  const float f = bits_to_float(ix) - 1.0f;
-  const float s = f / (2.0f + f);
-  const float z = s * s;
-  const float w = z * z;
-  const float t1 = w * std::fma(w, Lg4, Lg2);
-  const float t2 = z * std::fma(w, Lg3, Lg1);
-  const float R = t2 + t1;
-  const float hfsq = 0.5f * f * f;
-  const float dk = static_cast<float>(k);
-  return std::fma(dk, ln2_hi, (std::fma(s, hfsq + R, dk * ln2_lo) - hfsq) + f);
-}
+DDIM_INLINE float uniform(uint32_t r) { return static_cast<float>(uniform_int(r)) * kUniformScale; }
 
-// sin and cos of th in [0, 2 pi] to ~0.6 ulp. Quadrant q = round(th 2/pi); y = th - q pi/2 is
-// carried as y1 + c (y1 = th - q float(pi/2) is exact under FMA, c = -q (pi/2 - float(pi/2))),
-// then cephes' sinf/cosf minimax polynomials on [-pi/4, pi/4] with 1 - y^2/2 carried exactly.
+// The tables and polynomial coefficients below were computed once with mpmath (200 bits):
+//  - log: z in [kLogOff, 2 kLogOff) (~[0.7, 1.4)) falls in 16 intervals by its top 4 mantissa bits
+//    (after subtracting kLogOff). Interval i has a float invc_i near 1 / its midpoint (exactly 1
+//    for the interval holding 1, so log(u) near u = 1 keeps its relative accuracy), picked among
+//    the 8,193 floats nearest that so that 2 log(invc_i) is within 2e-4 ulp of a float (a
+//    "Gal accurate table"): the table values are all but exact. Stored: -2 invc_i and
+//    2 log(invc_i). Then z invc_i = 1 + r with |r| < 0.0297, and -2 log1p(r) is
+//    rho + rho^2 (B1 + B2 rho + B3 rho^2 + B4 rho^3) with rho = -2 r (relative error 6e-10;
+//    a least-squares fit, weighted for relative error, of log1p on |r| <= 0.03).
+//  - sin / cos: th in [0, 2 pi] falls in 32 sectors by the top 5 bits of s2; sector q has a float
+//    angle a_q within 0.004 of (q + 1/2) pi / 16 whose sin and cos are within 0.014 ulp of the
+//    floats stored (Gal's accurate tables again), so sin(th) = sin a_q cos y + cos a_q sin y with
+//    y = th - a_q, |y| < 0.102, and sin y, cos y - 1 by short fitted polynomials (absolute errors
+//    4e-12 and 2e-10).
+// No division, no libm call, no branch: 16 lanes of the same operations in the AVX-512 path.
+constexpr uint32_t kLogOff = 0x3f330000u;  // z = the float x scaled into [kLogOff, 2 kLogOff)
+constexpr float kSectorAngle[32] = {
+    0x1.92573e0000000p-4f, 0x1.2dcbe80000000p-2f, 0x1.f6768e0000000p-2f, 0x1.5fff8e0000000p-1f,
+    0x1.c492d80000000p-1f, 0x1.143b660000000p+0f, 0x1.46da280000000p+0f, 0x1.792b3c0000000p+0f,
+    0x1.ab05840000000p+0f, 0x1.ddc4680000000p+0f, 0x1.0819480000000p+1f, 0x1.21324e0000000p+1f,
+    0x1.3a48a60000000p+1f, 0x1.5383860000000p+1f, 0x1.6c59420000000p+1f, 0x1.85864c0000000p+1f,
+    0x1.9e91ba0000000p+1f, 0x1.b7adb80000000p+1f, 0x1.d1244a0000000p+1f, 0x1.ea3d680000000p+1f,
+    0x1.0161ac0000000p+2f, 0x1.0e51f80000000p+2f, 0x1.1ab41c0000000p+2f, 0x1.2717620000000p+2f,
+    0x1.33c4b40000000p+2f, 0x1.4056320000000p+2f, 0x1.4d1b440000000p+2f, 0x1.59b2320000000p+2f,
+    0x1.65f4e00000000p+2f, 0x1.72f2e00000000p+2f, 0x1.7f1a9c0000000p+2f, 0x1.8b9f1e0000000p+2f,
+};
+constexpr float kSectorSin[32] = {
+    0x1.91b1b00000000p-4f, 0x1.2972440000000p-2f, 0x1.e28a8a0000000p-2f, 0x1.44eae00000000p-1f,
+    0x1.8be5f20000000p-1f, 0x1.c354140000000p-1f, 0x1.ea06e00000000p-1f, 0x1.fd91be0000000p-1f,
+    0x1.fd94980000000p-1f, 0x1.e9cf980000000p-1f, 0x1.c328180000000p-1f, 0x1.8b59840000000p-1f,
+    0x1.446c980000000p-1f, 0x1.e1251c0000000p-2f, 0x1.29d57c0000000p-2f, 0x1.9286920000000p-4f,
+    -0x1.8da0080000000p-4f, -0x1.2825600000000p-2f, -0x1.e405b80000000p-2f, -0x1.4546fe0000000p-1f,
+    -0x1.8a9dc40000000p-1f, -0x1.c4152a0000000p-1f, -0x1.e9dc680000000p-1f, -0x1.fd5c420000000p-1f,
+    -0x1.fd9e4a0000000p-1f, -0x1.ea32c80000000p-1f, -0x1.c32cbe0000000p-1f, -0x1.8b2aca0000000p-1f,
+    -0x1.45f3c20000000p-1f, -0x1.df4f1c0000000p-2f, -0x1.2bdbde0000000p-2f, -0x1.9f6ea20000000p-4f,
+};
+constexpr float kSectorCos[32] = {
+    0x1.fd882c0000000p-1f, 0x1.e9ec840000000p-1f, 0x1.c396c00000000p-1f, 0x1.8bb14e0000000p-1f,
+    0x1.44aaba0000000p-1f, 0x1.e383cc0000000p-2f, 0x1.28c4620000000p-2f, 0x1.8ea5c60000000p-4f,
+    -0x1.8dbc3a0000000p-4f, -0x1.2a308e0000000p-2f, -0x1.e427e20000000p-2f, -0x1.4555ac0000000p-1f,
+    -0x1.8c18de0000000p-1f, -0x1.c3f60e0000000p-1f, -0x1.e9dd720000000p-1f, -0x1.fd858c0000000p-1f,
+    -0x1.fd94f00000000p-1f, -0x1.ea1eec0000000p-1f, -0x1.c331420000000p-1f, -0x1.8b65980000000p-1f,
+    -0x1.46394e0000000p-1f, -0x1.e0b0260000000p-2f, -0x1.29dc520000000p-2f, -0x1.9f625e0000000p-4f,
+    0x1.8a9e140000000p-4f, 0x1.27a1c80000000p-2f, 0x1.e4168e0000000p-2f, 0x1.458e6c0000000p-1f,
+    0x1.8ad7380000000p-1f, 0x1.c472d60000000p-1f, 0x1.e98e5c0000000p-1f, 0x1.fd5c1a0000000p-1f,
+};
+constexpr float kLogNeg2InvC[16] = {
+    -0x1.662f3a0000000p+1f, -0x1.570e260000000p+1f, -0x1.495b080000000p+1f, -0x1.3caa320000000p+1f,
+    -0x1.30db8a0000000p+1f, -0x1.25c8c80000000p+1f, -0x1.1b96a20000000p+1f, -0x1.12461a0000000p+1f,
+    -0x1.094eec0000000p+1f, -0x1.0000000000000p+1f, -0x1.e56b6e0000000p+0f, -0x1.ca63d20000000p+0f,
+    -0x1.b20ed20000000p+0f, -0x1.9c15ae0000000p+0f, -0x1.8882640000000p+0f, -0x1.7677fe0000000p+0f,
+};
+constexpr float kLogTwiceLogInvC[16] = {
+    0x1.57ee7e0000000p-1f, 0x1.2bbd400000000p-1f, 0x1.0201f20000000p-1f, 0x1.b38a760000000p-2f,
+    0x1.65b7f20000000p-2f, 0x1.19f1e20000000p-2f, 0x1.a336100000000p-3f, 0x1.1a6ada0000000p-3f,
+    0x1.2493e80000000p-4f, 0x0.0p+0f, -0x1.b4b8f80000000p-4f, -0x1.c5092a0000000p-3f,
+    -0x1.5238700000000p-2f, -0x1.bc9cb20000000p-2f, -0x1.1024840000000p-1f, -0x1.4052ee0000000p-1f,
+};
+constexpr float kSinS1 = -0x1.5555540000000p-3f, kSinS2 = 0x1.10f5040000000p-7f;
+constexpr float kCosC1 = -0x1.fffffa0000000p-2f, kCosC2 = 0x1.5527860000000p-5f;
+constexpr float kLogB1 = 0x1.fffffe0000000p-3f, kLogB2 = 0x1.5555540000000p-4f, kLogB3 = 0x1.0031280000000p-5f, kLogB4 = 0x1.99ec300000000p-7f;
+constexpr float kNeg2Ln2 = -1.38629436112f;  // float(-2 log 2) = -2 float(log 2)
 constexpr float kTwoPi = 6.283185307179586f;
-constexpr float kTwoOverPiF = 0.636619746685028076171875f;
-constexpr float kPio2F = 1.57079637050628662109375f;  // float(pi/2), above pi/2
-constexpr float kPio2Rest = -4.371139006309477e-08f;  // pi/2 - kPio2F
-constexpr float kS1 = -1.6666654611e-1f, kS2 = 8.3321608736e-3f, kS3 = -1.9515295891e-4f;
-constexpr float kC1 = 4.166664568298827e-2f, kC2 = -1.388731625493765e-3f, kC3 = 2.443315711809948e-5f;
+constexpr uint32_t kMinU1Bits = 0x33d6bf95u;  // the bits of 1e-7f, the floor of u1
+constexpr int kSectorShift = 26;  // s2 >> 26: the sector of th = 2 pi u2 (to within rounding, which |y| allows)
 
-DDIM_INLINE void sincos_2pi(float th, float& s_out, float& c_out) {
-  const int32_t q = static_cast<int32_t>(std::fma(th, kTwoOverPiF, 0.5f));
-  const float qf = static_cast<float>(q);
-  const float y1 = std::fma(-qf, kPio2F, th);
-  const float c = qf * -kPio2Rest;
-  const float z = y1 * y1;
-  const float ps = std::fma(z, std::fma(z, kS3, kS2), kS1);
-  const float sy = y1 + std::fma(y1 * z, ps, std::fma(c * -0.5f, z, c));
-  const float zl = std::fma(y1, y1, -z);  // z + zl = y1^2 exactly
-  const float hz = 0.5f * z;
-  const float t = 1.0f - hz;
-  const float e = (1.0f - t) - hz;  // t + e = 1 - hz exactly
-  const float pc = std::fma(z, std::fma(z, kC3, kC2), kC1);
-  const float cy = t + std::fma(z * z, pc, std::fma(-c, y1, std::fma(-0.5f, zl, e)));
-  const bool odd = (q & 1) != 0;
-  const float s = odd ? cy : sy;
-  const float co = odd ? sy : cy;
-  s_out = (q & 2) ? -s : s;
-  c_out = ((q + 1) & 2) ? -co : co;
+// -2 log(u) for a normal positive float u <= 1, to ~1 ulp.
+DDIM_INLINE float neg2_log(float u) {
+  const uint32_t tmp = float_to_bits(u) - kLogOff;
+  const int32_t k = static_cast<int32_t>(tmp) >> 23;  // u = 2^k z
+  const int32_t i = static_cast<int32_t>((tmp >> 19) & 15u);
+  const float z = bits_to_float((tmp & 0x007fffffu) + kLogOff);
+  const float rho = std::fma(z, kLogNeg2InvC[i], 2.0f);  // -2 (z invc - 1), one rounding
+  const float p = std::fma(rho, std::fma(rho, std::fma(rho, kLogB4, kLogB3), kLogB2), kLogB1);
+  const float w = kLogTwiceLogInvC[i] + std::fma(rho * rho, p, rho);
+  return std::fma(static_cast<float>(k), kNeg2Ln2, w);
+}
+
+// sin and cos of th in sector q = s2 >> kSectorShift (see the tables above).
+DDIM_INLINE void sincos_sector(int32_t q, float th, float& s_out, float& c_out) {
+  const float y = th - kSectorAngle[q];
+  const float z = y * y;
+  const float sy = std::fma(y * z, std::fma(z, kSinS2, kSinS1), y);  // sin y
+  const float cm1 = z * std::fma(z, kCosC2, kCosC1);                  // cos y - 1
+  const float sa = kSectorSin[q], ca = kSectorCos[q];
+  s_out = sa + std::fma(sa, cm1, ca * sy);
+  c_out = ca + std::fma(ca, cm1, -(sa * sy));
 }
 
 constexpr int64_t kMaxNoiseGroups = 512;  // Philox groups per normals() call (2,048 normals; a multiple of 32)
@@ -138,11 +183,14 @@ constexpr int64_t kMaxNoiseGroups = 512;  // Philox groups per normals() call (2
 // Triton's pair_uniform_to_normal.
 DDIM_INLINE void box_muller(const uint32_t* a, const uint32_t* b, int64_t P, float* zc, float* zs) {
   for (int64_t p = 0; p < P; ++p) {
-    const float u1 = std::max(uniform(a[p]), 1.0e-7f);
-    const float th = kTwoPi * uniform(b[p]);
-    const float r = std::sqrt(-2.0f * log_positive(u1));
+    const int32_t s2 = uniform_int(b[p]);
+    // max(u1, 1e-7) on the bits (the same for non-negative floats): a float max here is a select
+    // that stops gcc from vectorizing the table loads below it
+    const float u1 = bits_to_float(std::max(float_to_bits(uniform(a[p])), kMinU1Bits));
+    const float th = kTwoPi * (static_cast<float>(s2) * kUniformScale);
+    const float r = std::sqrt(neg2_log(u1));
     float s, c;
-    sincos_2pi(th, s, c);
+    sincos_sector(s2 >> kSectorShift, th, s, c);
     zc[p] = r * c;
     zs[p] = r * s;
   }
@@ -166,39 +214,80 @@ DDIM_INLINE void normals_portable(uint32_t g0, int64_t G, uint32_t c1, uint32_t 
 
 #if DDIM_HAVE_AVX512_NOISE
 // The second path (AVX-512 CPUs): the same operations in the same order as normals_portable
-// (FMAs where it calls std::fma), hence the same bits (tests/test_cpp_kernel.py), at 0.9 ns per
-// normal instead of 1.5. Kept because the whole step at eta = 1 is 1.67x faster with it: 206 us
-// against 344 us for 64x3x32x32 on 1 thread of a Zen 4 core (bench/test_bench_step.py, eta1,
-// speedup_avx512_noise; the rule for a second path is >= 1.3x end to end).
+// (FMAs where it calls std::fma, vpermps / vpermt2ps where it indexes a table), hence the same
+// bits (tests/test_cpp_kernel.py), at 0.54 ns per normal instead of 2.0. Kept because the whole
+// step at eta = 1 is 2.4x faster with it (median of paired rounds; 3.0x on minimums): 227 us
+// against 545 us for 64x3x32x32 on 1 thread of a Sapphire Rapids core (bench/test_bench_step.py,
+// eta1, speedup_avx512_noise; 1.67x with the earlier quadrant/fdlibm functions on Zen 4; the
+// rule for a second path is >= 1.3x end to end).
 #define DDIM_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
 
 // Philox for 32 groups in 4 independent chains of 8 groups, each group in a 64-bit lane (the
 // value in the low half; vpmuludq ignores the high half, so it is never cleaned): per round 2
-// multiplies, 2 shifts, 2 xor3 per chain. Measured per normal: 0.31 ns, against 0.36 with 2
-// chains (the multiply latency shows) and 0.55 with 16 groups in 32-bit lanes (odd/even
-// products and blends). Writes the words as 16-lane vectors: w[64 k + 16 j + lane] = word j of
-// group 16 k + lane.
+// multiplies, 2 shifts, 2 xor3 per chain. Measured per normal on Zen 4: 0.31 ns, against 0.36
+// with 2 chains (the multiply latency shows) and 0.55 with 16 groups in 32-bit lanes (odd/even
+// products and blends). Only counter word 0 differs between the groups of a call, so round 1
+// has one varying product and round 2 one more (PhiloxConsts holds the rest): 55 operations
+// per 8 groups instead of 60. Writes the words as 16-lane vectors: w[64 k + 16 j + lane] =
+// word j of group 16 k + lane.
 constexpr int kChains = 4;                     // Philox chains of 8 groups in flight (6: no faster)
 constexpr int64_t kPhiloxBlock = 8 * kChains;  // groups per philox_block call
 
-DDIM_AVX512 static inline void philox_block(uint32_t g, uint32_t n, uint32_t w3, const NoiseKey& key, const __m512i* k0,
-                                            const __m512i* k1, uint32_t* w) {
+struct PhiloxConsts {  // for one (key, counter words 1 to 3); 64-bit lanes holding 32-bit words
+  __m512i k0[10], k1[10];  // round keys
+  __m512i c0_r1;           // c0 after round 1: hi(c2 B) ^ c1 ^ k0, all constant
+  __m512i x2_r1;           // c2 after round 1 = hi(c0 A) ^ x2_r1
+  __m512i x0_r2;           // c0 after round 2 = hi(c2 B) ^ x0_r2 (c1 after round 1 is constant)
+  __m512i x2_r2;           // c2 after round 2 = c3 ^ x2_r2 (c0 after round 1 is constant)
+  __m512i x2_r3;           // c2 after round 3 = hi(c0 A) ^ x2_r3 (c3 after round 2 is constant)
+};
+
+DDIM_AVX512 static inline void philox_consts(uint32_t n, uint32_t w3, const NoiseKey& key, PhiloxConsts& pc) {
+  uint32_t k0[10], k1[10];
+  k0[0] = key.k0;
+  k1[0] = key.k1;
+  for (int r = 1; r < 10; ++r) {
+    k0[r] = k0[r - 1] + kPhiloxKeyA;
+    k1[r] = k1[r - 1] + kPhiloxKeyB;
+  }
+  for (int r = 0; r < 10; ++r) {
+    pc.k0[r] = _mm512_set1_epi64(k0[r]);
+    pc.k1[r] = _mm512_set1_epi64(k1[r]);
+  }
+  const uint64_t pb1 = static_cast<uint64_t>(key.step) * kPhiloxRoundB;
+  const uint32_t c0_r1 = static_cast<uint32_t>(pb1 >> 32) ^ n ^ k0[0], c1_r1 = static_cast<uint32_t>(pb1);
+  const uint64_t pa2 = static_cast<uint64_t>(c0_r1) * kPhiloxRoundA;
+  pc.c0_r1 = _mm512_set1_epi64(c0_r1);
+  pc.x2_r1 = _mm512_set1_epi64(w3 ^ k1[0]);
+  pc.x0_r2 = _mm512_set1_epi64(c1_r1 ^ k0[1]);
+  pc.x2_r2 = _mm512_set1_epi64(static_cast<uint32_t>(pa2 >> 32) ^ k1[1]);
+  pc.x2_r3 = _mm512_set1_epi64(static_cast<uint32_t>(pa2) ^ k1[2]);
+}
+
+DDIM_AVX512 static inline void philox_block(uint32_t g, const PhiloxConsts& pc, uint32_t* w) {
   const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i mA = _mm512_set1_epi64(kPhiloxRoundA), mB = _mm512_set1_epi64(kPhiloxRoundB);
   __m512i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
-  for (int b = 0; b < kChains; ++b) {
-    c0[b] = _mm512_add_epi64(_mm512_set1_epi64(g + 8u * b), lane);
-    c1[b] = _mm512_set1_epi64(n);
-    c2[b] = _mm512_set1_epi64(key.step);
-    c3[b] = _mm512_set1_epi64(w3);
+#pragma GCC unroll 8
+  for (int b = 0; b < kChains; ++b) {  // rounds 1 to 3 (c0 = g + lane is the only varying input)
+    const __m512i pa1 = _mm512_mul_epu32(_mm512_add_epi64(_mm512_set1_epi64(g + 8u * b), lane), mA);
+    const __m512i c2_r1 = _mm512_xor_si512(_mm512_srli_epi64(pa1, 32), pc.x2_r1);
+    const __m512i pb2 = _mm512_mul_epu32(c2_r1, mB);
+    const __m512i c0_r2 = _mm512_xor_si512(_mm512_srli_epi64(pb2, 32), pc.x0_r2);
+    const __m512i c2_r2 = _mm512_xor_si512(pa1, pc.x2_r2);
+    const __m512i pb3 = _mm512_mul_epu32(c2_r2, mB), pa3 = _mm512_mul_epu32(c0_r2, mA);
+    c0[b] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb3, 32), pb2, pc.k0[2], 0x96);
+    c1[b] = pb3;
+    c2[b] = _mm512_xor_si512(_mm512_srli_epi64(pa3, 32), pc.x2_r3);
+    c3[b] = pa3;
   }
-#pragma GCC unroll 10
-  for (int r = 0; r < 10; ++r) {
+#pragma GCC unroll 7
+  for (int r = 3; r < 10; ++r) {
 #pragma GCC unroll 8
     for (int b = 0; b < kChains; ++b) {
       const __m512i pb = _mm512_mul_epu32(c2[b], mB), pa = _mm512_mul_epu32(c0[b], mA);
-      c0[b] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[b], k0[r], 0x96);  // hi(pb) ^ c1 ^ k0
-      c2[b] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[b], k1[r], 0x96);  // hi(pa) ^ c3 ^ k1
+      c0[b] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[b], pc.k0[r], 0x96);  // hi(pb) ^ c1 ^ k0
+      c2[b] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[b], pc.k1[r], 0x96);  // hi(pa) ^ c3 ^ k1
       c1[b] = pb;
       c3[b] = pa;
     }
@@ -212,80 +301,60 @@ DDIM_AVX512 static inline void philox_block(uint32_t g, uint32_t n, uint32_t w3,
   }
 }
 
-DDIM_AVX512 static inline __m512 uniform16(__m512i r) {
-  const __m512i s = _mm512_xor_si512(r, _mm512_srai_epi32(r, 31));  // r < 0 ? ~r : r
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(4.6566127342e-10f));
+// uniform_int, lane-wise.
+DDIM_AVX512 static inline __m512i uniform_int16(__m512i r) { return _mm512_xor_si512(r, _mm512_srai_epi32(r, 31)); }
+
+// neg2_log, lane-wise (the tables: one vpermps each).
+DDIM_AVX512 static inline __m512 neg2_log16(__m512 u) {
+  const __m512i tmp = _mm512_sub_epi32(_mm512_castps_si512(u), _mm512_set1_epi32(static_cast<int32_t>(kLogOff)));
+  const __m512 kf = _mm512_cvtepi32_ps(_mm512_srai_epi32(tmp, 23));
+  const __m512i i = _mm512_srli_epi32(tmp, 19);  // vpermps reads the low 4 bits
+  const __m512 z = _mm512_castsi512_ps(
+      _mm512_add_epi32(_mm512_and_si512(tmp, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(static_cast<int32_t>(kLogOff))));
+  const __m512 rho = _mm512_fmadd_ps(z, _mm512_permutexvar_ps(i, _mm512_loadu_ps(kLogNeg2InvC)), _mm512_set1_ps(2.0f));
+  const __m512 p = _mm512_fmadd_ps(
+      rho, _mm512_fmadd_ps(rho, _mm512_fmadd_ps(rho, _mm512_set1_ps(kLogB4), _mm512_set1_ps(kLogB3)), _mm512_set1_ps(kLogB2)),
+      _mm512_set1_ps(kLogB1));
+  const __m512 w = _mm512_add_ps(_mm512_permutexvar_ps(i, _mm512_loadu_ps(kLogTwiceLogInvC)),
+                                 _mm512_fmadd_ps(_mm512_mul_ps(rho, rho), p, rho));
+  return _mm512_fmadd_ps(kf, _mm512_set1_ps(kNeg2Ln2), w);
 }
 
-DDIM_AVX512 static inline __m512 log16(__m512 x) {  // log_positive, lane-wise
-  const __m512i ix0 = _mm512_add_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x3f800000 - 0x3f3504f3));
-  const __m512i k = _mm512_sub_epi32(_mm512_srli_epi32(ix0, 23), _mm512_set1_epi32(0x7f));
-  const __m512i ix = _mm512_add_epi32(_mm512_and_si512(ix0, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f3504f3));
-  const __m512 f = _mm512_sub_ps(_mm512_castsi512_ps(ix), _mm512_set1_ps(1.0f));
-  const __m512 s = _mm512_div_ps(f, _mm512_add_ps(_mm512_set1_ps(2.0f), f));
-  const __m512 z = _mm512_mul_ps(s, s);
-  const __m512 w = _mm512_mul_ps(z, z);
-  const __m512 t1 = _mm512_mul_ps(w, _mm512_fmadd_ps(w, _mm512_set1_ps(0.24279078841f), _mm512_set1_ps(0.40000972152f)));
-  const __m512 t2 = _mm512_mul_ps(z, _mm512_fmadd_ps(w, _mm512_set1_ps(0.28498786688f), _mm512_set1_ps(0.66666662693f)));
-  const __m512 R = _mm512_add_ps(t2, t1);
-  const __m512 hfsq = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), f), f);
-  const __m512 dk = _mm512_cvtepi32_ps(k);
-  __m512 v = _mm512_fmadd_ps(s, _mm512_add_ps(hfsq, R), _mm512_mul_ps(dk, _mm512_set1_ps(9.0580006145e-06f)));
-  v = _mm512_add_ps(_mm512_sub_ps(v, hfsq), f);
-  return _mm512_fmadd_ps(dk, _mm512_set1_ps(6.9313812256e-01f), v);
-}
-
-// sincos_2pi, lane-wise.
-DDIM_AVX512 static inline void sincos16(__m512 th, __m512& s_out, __m512& c_out) {
-  const __m512i q = _mm512_cvttps_epi32(_mm512_fmadd_ps(th, _mm512_set1_ps(kTwoOverPiF), _mm512_set1_ps(0.5f)));
-  const __m512 qf = _mm512_cvtepi32_ps(q);
-  const __m512 y1 = _mm512_fnmadd_ps(qf, _mm512_set1_ps(kPio2F), th);
-  const __m512 c = _mm512_mul_ps(qf, _mm512_set1_ps(-kPio2Rest));
-  const __m512 z = _mm512_mul_ps(y1, y1);
-  const __m512 ps = _mm512_fmadd_ps(z, _mm512_fmadd_ps(z, _mm512_set1_ps(kS3), _mm512_set1_ps(kS2)), _mm512_set1_ps(kS1));
-  const __m512 sy = _mm512_add_ps(
-      y1, _mm512_fmadd_ps(_mm512_mul_ps(y1, z), ps, _mm512_fmadd_ps(_mm512_mul_ps(c, _mm512_set1_ps(-0.5f)), z, c)));
-  const __m512 zl = _mm512_fmsub_ps(y1, y1, z);
-  const __m512 hz = _mm512_mul_ps(_mm512_set1_ps(0.5f), z);
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 t = _mm512_sub_ps(one, hz);
-  const __m512 e = _mm512_sub_ps(_mm512_sub_ps(one, t), hz);
-  const __m512 pc = _mm512_fmadd_ps(z, _mm512_fmadd_ps(z, _mm512_set1_ps(kC3), _mm512_set1_ps(kC2)), _mm512_set1_ps(kC1));
-  const __m512 cy = _mm512_add_ps(
-      t, _mm512_fmadd_ps(_mm512_mul_ps(z, z), pc,
-                         _mm512_fnmadd_ps(c, y1, _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), zl, e))));
-  const __mmask16 odd = _mm512_test_epi32_mask(q, _mm512_set1_epi32(1));
-  // Negate where (q & 2) (sin) and ((q + 1) & 2) (cos): bit 1 of q moved to the sign bit, a ^ (b & c).
-  const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
-  const __m512i s_q = _mm512_slli_epi32(q, 30), c_q = _mm512_slli_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(1)), 30);
-  s_out = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(_mm512_mask_blend_ps(odd, sy, cy)), s_q, sign, 0x78));
-  c_out = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(_mm512_mask_blend_ps(odd, cy, sy)), c_q, sign, 0x78));
+// sincos_sector, lane-wise (the 32-entry tables: one vpermt2ps each).
+DDIM_AVX512 static inline void sincos16(__m512i q, __m512 th, __m512& s_out, __m512& c_out) {
+  const __m512 y = _mm512_sub_ps(th, _mm512_permutex2var_ps(_mm512_loadu_ps(kSectorAngle), q, _mm512_loadu_ps(kSectorAngle + 16)));
+  const __m512 z = _mm512_mul_ps(y, y);
+  const __m512 sy = _mm512_fmadd_ps(_mm512_mul_ps(y, z), _mm512_fmadd_ps(z, _mm512_set1_ps(kSinS2), _mm512_set1_ps(kSinS1)), y);
+  const __m512 cm1 = _mm512_mul_ps(z, _mm512_fmadd_ps(z, _mm512_set1_ps(kCosC2), _mm512_set1_ps(kCosC1)));
+  const __m512 sa = _mm512_permutex2var_ps(_mm512_loadu_ps(kSectorSin), q, _mm512_loadu_ps(kSectorSin + 16));
+  const __m512 ca = _mm512_permutex2var_ps(_mm512_loadu_ps(kSectorCos), q, _mm512_loadu_ps(kSectorCos + 16));
+  s_out = _mm512_add_ps(sa, _mm512_fmadd_ps(sa, cm1, _mm512_mul_ps(ca, sy)));
+  c_out = _mm512_add_ps(ca, _mm512_fmsub_ps(ca, cm1, _mm512_mul_ps(sa, sy)));
 }
 
 // (r cos th, r sin th) for 16 uniform pairs (a, b): box_muller, lane-wise.
 DDIM_AVX512 static inline void box_muller16(__m512i a, __m512i b, __m512& zc, __m512& zs) {
-  const __m512 u1 = _mm512_max_ps(uniform16(a), _mm512_set1_ps(1.0e-7f));
-  const __m512 th = _mm512_mul_ps(_mm512_set1_ps(kTwoPi), uniform16(b));
-  const __m512 r = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log16(u1)));
+  const __m512i s2 = uniform_int16(b);
+  const __m512 scale = _mm512_set1_ps(kUniformScale);
+  const __m512 u1 = _mm512_max_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(uniform_int16(a)), scale), _mm512_set1_ps(1.0e-7f));
+  const __m512 th = _mm512_mul_ps(_mm512_set1_ps(kTwoPi), _mm512_mul_ps(_mm512_cvtepi32_ps(s2), scale));
+  const __m512 r = _mm512_sqrt_ps(neg2_log16(u1));
   __m512 s, c;
-  sincos16(th, s, c);
+  sincos16(_mm512_srli_epi32(s2, kSectorShift), th, s, c);
   zc = _mm512_mul_ps(r, c);
   zs = _mm512_mul_ps(r, s);
 }
 
 // normals_portable, for G rounded up to a multiple of 16 (zz must hold 4 * that many floats).
 // Two passes (all Philox words, then all Box-Muller) run faster than one fused loop (0.97 ns
-// against 1.13 ns per normal): each loop keeps its own dependency chains in flight.
+// against 1.13 ns per normal on Zen 4, before the tables): each loop keeps its own dependency
+// chains in flight.
 DDIM_AVX512 __attribute__((noinline)) void normals_avx512(uint32_t g0, int64_t G, uint32_t n, uint32_t w3,
                                                           const NoiseKey& key, float* zz) {
   alignas(64) uint32_t words[4 * kMaxNoiseGroups];
-  __m512i k0[10], k1[10];  // round keys
-  uint32_t w0 = key.k0, w1 = key.k1;
-  for (int r = 0; r < 10; ++r, w0 += kPhiloxKeyA, w1 += kPhiloxKeyB) {
-    k0[r] = _mm512_set1_epi64(w0);
-    k1[r] = _mm512_set1_epi64(w1);
-  }
-  for (int64_t i = 0; i < G; i += kPhiloxBlock) philox_block(g0 + static_cast<uint32_t>(i), n, w3, key, k0, k1, words + 4 * i);
+  PhiloxConsts pc;
+  philox_consts(n, w3, key, pc);
+  for (int64_t i = 0; i < G; i += kPhiloxBlock) philox_block(g0 + static_cast<uint32_t>(i), pc, words + 4 * i);
   const __m512i pair_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i pair_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   const __m512i quad_lo = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
@@ -346,8 +415,11 @@ DDIM_INLINE void fill_noise(float* z, int64_t e0, int64_t len, int64_t D, const 
     // at most kMaxNoiseGroups groups, and never past the sample's end
     const int64_t seg = std::min({end - e, D - j, 4 * kMaxNoiseGroups - (j & 3)});
     const int64_t G = ((j + seg + 3) >> 2) - g0;
-    normals(static_cast<uint32_t>(g0), G, key.sample_offset + s, key, fast, zz);
-    std::memcpy(z, zz + (j & 3), static_cast<size_t>(seg) * sizeof(float));
+    // Whole 16-groups (a tile inside a sample: the common case) go straight to z; the rest through
+    // zz (saves a copy of every normal: ~5% of the step at eta = 1).
+    const bool direct = (j & 3) == 0 && (seg & 63) == 0;
+    normals(static_cast<uint32_t>(g0), G, key.sample_offset + s, key, fast, direct ? z : zz);
+    if (!direct) std::memcpy(z, zz + (j & 3), static_cast<size_t>(seg) * sizeof(float));
     z += seg;
     e += seg;
   }

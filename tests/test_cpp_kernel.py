@@ -345,7 +345,7 @@ def test_noise_matches_the_reference(C, seed, shape, step, stream, offset):
     assert_close(z, z_ref, atol=1e-6, what=f"z(seed={seed}, step={step}, stream={stream}, offset={offset})")
 
 
-@pytest.mark.parametrize("shape", [(3, 5, 33), (2, 1000), (5, 1), (4, 3, 32, 32)], ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 33), (2, 1000), (5, 1), (4, 3, 32, 32), (3, 3075)], ids=str)
 def test_both_generators_give_the_same_bits(C, shape):
     """The AVX-512 generator (where the CPU has one) and the portable one: the same IEEE
     operations, FMAs included, in the same order."""
@@ -360,6 +360,32 @@ def test_both_generators_give_the_same_bits(C, shape):
         C.noise_impl(1)
     assert torch.equal(fast[0], portable[0])
     _same(fast[1], portable[1])
+
+
+@pytest.fixture(params=[0, 1], ids=["portable", "avx512"])
+def generator(request, C):
+    """Each of the kernel's two noise generators in turn (the AVX-512 one where the CPU has it)."""
+    if C.noise_impl(request.param) != request.param:
+        C.noise_impl(1)
+        pytest.skip("no AVX-512 on this CPU: one generator only")
+    yield request.param
+    C.noise_impl(1)
+
+
+# Every tail: D = 1 .. 70 elements per sample covers each remainder mod 4 (a cut Philox group)
+# and mod 64 (a cut 16-group of the AVX-512 path); 1536 and 3072 put whole 16-groups straight
+# into the output (philox.h fill_noise), 1538 / 3075 go through its scratch copy, and 2 x 1536 /
+# 3 x 3075 start samples inside a 1,024-element tile.
+NOISE_SIZES = [(2, d) for d in range(1, 71)] + [(2, 1536), (3, 1538), (1, 3072), (3, 3075), (4, 3, 32, 32)]
+
+
+@pytest.mark.parametrize("shape", NOISE_SIZES, ids=str)
+def test_each_generator_matches_the_reference_at_every_tail(C, generator, shape):
+    z = C.gaussian(step_seed(2**40 + 9, 2**32 - 1), list(shape), 6, 1)
+    z_ref = reference.gaussian(2**40 + 9, shape, step=6, stream=1, sample_offset=2**32 - 1)
+    assert_close(z, z_ref, atol=1e-6, what=f"z {shape} ({'AVX-512' if generator else 'portable'} generator)")
+    args = make_step_args("ddim_eta1", shape, offset=7)
+    assert_step_close(run_op(C.step, args), args, f"ddim_eta1 {shape} ({'AVX-512' if generator else 'portable'} generator)")
 
 
 def test_sample_two_to_the_32_is_not_sample_0(C):
