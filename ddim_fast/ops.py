@@ -16,8 +16,9 @@ Backends, each registered for the device it runs on and tested against the float
 
 ``resolve_backend`` follows the device; a compiled backend that cannot be loaded is one warning
 and the reference. Arguments are checked in one place, ``check_step_args``: by the op on every
-call, and by the trajectory once per plan before it calls ``run_step`` (the backend without the
-custom-op dispatch, which costs ~55-75 us a call on a CPU, three times a whole C++ step).
+call, and by the trajectory once per plan before it calls the function ``step_impl`` resolved
+(the backend without the custom-op dispatch, which costs ~55-75 us a call on a CPU, three times
+a whole C++ step).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "BACKENDS",
     "step",
     "run_step",
+    "step_impl",
     "check_step_args",
     "gaussian",
     "resolve_backend",
@@ -188,28 +190,27 @@ def check_step_args(x, model_out, table, step, seed, prediction, clip, history_k
 # --------------------------------------------------------------------------------------------
 
 
-def _run_torch(*args) -> None:
-    reference.fused_step(*args)
+_IMPLS = {
+    "torch": lambda: reference.fused_step,
+    "triton": lambda: _triton_module().fused_step,
+    "cpp": lambda: _cpp_ops().step,
+}
 
 
-def _run_triton(*args) -> None:
-    _triton_module().fused_step(*args)
-
-
-def _run_cpp(*args) -> None:
-    _cpp_ops().step(*args)
-
-
-_IMPLS = {"torch": _run_torch, "triton": _run_triton, "cpp": _run_cpp}
+def step_impl(backend: str):
+    """The function that runs the op's 14 arguments on the concrete ``backend``, for a loop whose
+    arguments ``check_step_args`` accepted: the backend's own function (no custom-op dispatch,
+    no Python layer between: ~3 us a call less than ``run_step`` on a CPU), or, under
+    torch.compile, the custom op itself. A loop resolves it once and calls it every step."""
+    if torch.compiler.is_compiling():
+        return functools.partial(step, backend=backend)
+    return _IMPLS[backend]()
 
 
 def run_step(*args) -> None:
-    """The op for a loop whose arguments ``check_step_args`` already accepted (the last one is the
-    concrete backend): the custom op itself under torch.compile, else the backend directly."""
-    if torch.compiler.is_compiling():
-        step(*args)
-    else:
-        _IMPLS[args[-1]](*args[:-1])
+    """The op for arguments ``check_step_args`` already accepted (the last one is the concrete
+    backend): ``step_impl(backend)(*args)``."""
+    step_impl(args[-1])(*args[:-1])
 
 
 @torch.library.custom_op("ddim_fast::step", mutates_args=("history", "saved", "out", "x0_out", "flags"))
@@ -243,7 +244,7 @@ def step(
     check_step_args(x, model_out, table, step, seed, prediction, clip, history_kind, history, saved, noise, out, x0_out, flags)
     if backend not in _IMPLS:
         raise ValueError(f"backend: expected a concrete backend {tuple(_IMPLS)}, got {backend!r}")
-    _IMPLS[backend](x, model_out, table, step, seed, prediction, clip, history_kind, history, saved, noise, out, x0_out, flags)
+    _IMPLS[backend]()(x, model_out, table, step, seed, prediction, clip, history_kind, history, saved, noise, out, x0_out, flags)
 
 
 @step.register_fake

@@ -228,6 +228,7 @@ def run(plan: Plan, bufs: Buffers, progress: bool = False, capturing: bool = Fal
 
         steps = tqdm(steps, desc=f"ddim_fast {plan.kind}", unit="step")
     record, none = bufs.x0s is not None, (None,) * plan.steps
+    step = ops.step_impl(plan.backend)  # resolved once: the loop calls the backend's function itself
     with torch.inference_mode(), autocast:
         # Views made once (unbind is one call for all steps): the loop body is the model call and the op.
         states = bufs.xs.unbind(0)
@@ -243,7 +244,7 @@ def run(plan: Plan, bufs: Buffers, progress: bool = False, capturing: bool = Fal
             )  # fmt: skip
             if k == 0:  # the one validation, once per trajectory (the model's output dtype is known now)
                 ops.check_step_args(*args)
-            ops.run_step(*args, plan.backend)
+            step(*args)
 
 
 def check_finite(plan: Plan, bufs: Buffers, x_start: torch.Tensor) -> None:
