@@ -17,6 +17,7 @@ bf16-autocast error against fp32.
 """
 
 import contextlib
+import copy
 import statistics
 import time
 
@@ -39,6 +40,17 @@ def _diffusers_loop(unet, scheduler, x_T, precision=contextlib.nullcontext):
     with torch.inference_mode(), precision():
         for t in scheduler.timesteps:
             eps = unet(x, t).sample
+            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+    return x
+
+
+def _diffusers_loop_bf16_weights(unet_bf16, scheduler, x_T):
+    """diffusers' loop with the UNet cast to bf16 (``unet.to(torch.bfloat16)``, as pipelines load
+    with ``torch_dtype``): float32 state, bf16 model input and output."""
+    x = x_T.clone()
+    with torch.inference_mode():
+        for t in scheduler.timesteps:
+            eps = unet_bf16(x.to(torch.bfloat16), t).sample.float()
             x = scheduler.step(eps, t, x, eta=0.0).prev_sample
     return x
 
@@ -86,6 +98,7 @@ def test_unet_trajectory_vs_diffusers(benchmark, report_ratio):
     }
     assert torch.equal(ours["ours_default"].timesteps, scheduler.timesteps)
     unet_c = maybe_compile(unet, True, "cpu")  # diffusers' UNet compiled exactly as ours is
+    unet_bf16 = copy.deepcopy(unet).to(torch.bfloat16)  # what a pipeline loaded with torch_dtype=bfloat16 runs
 
     first_s, images = {}, {}
     for name, sampler in ours.items():
@@ -96,6 +109,7 @@ def test_unet_trajectory_vs_diffusers(benchmark, report_ratio):
         lambda: _diffusers_loop(unet_c, scheduler, x_T, _bf16))
     images["diffusers_fp32"] = _diffusers_loop(unet, scheduler, x_T)
     images["diffusers_bf16"] = _diffusers_loop(unet, scheduler, x_T, _bf16)
+    images["diffusers_bf16_weights"] = _diffusers_loop_bf16_weights(unet_bf16, scheduler, x_T)
 
     # "within bf16 error": ours vs fp32 no worse than diffusers' own loop under the same autocast
     # (this random UNet's x_0 reaches |x| ~ 600, so absolute errors are compared, not tolerances).
@@ -115,6 +129,7 @@ def test_unet_trajectory_vs_diffusers(benchmark, report_ratio):
     fns.update({
         "diffusers_fp32": lambda: _diffusers_loop(unet, scheduler, x_T),
         "diffusers_bf16": lambda: _diffusers_loop(unet, scheduler, x_T, _bf16),
+        "diffusers_bf16_weights": lambda: _diffusers_loop_bf16_weights(unet_bf16, scheduler, x_T),
         "diffusers_compiled_fp32": lambda: _diffusers_loop(unet_c, scheduler, x_T),
         "diffusers_compiled_bf16": lambda: _diffusers_loop(unet_c, scheduler, x_T, _bf16),
         "model_fp32": lambda: _model_loop(unet, x_T, ts),
@@ -129,6 +144,8 @@ def test_unet_trajectory_vs_diffusers(benchmark, report_ratio):
         # equal settings: the figures that say what our loop is worth
         "ours_fp32_vs_diffusers_fp32": ratio("diffusers_fp32", "ours_fp32"),
         "ours_default_vs_diffusers_bf16": ratio("diffusers_bf16", "ours_default"),
+        # our default holds bf16 copies of the weights on CPUs: the same precision as a bf16 pipeline
+        "ours_default_vs_diffusers_bf16_weights": ratio("diffusers_bf16_weights", "ours_default"),
         "ours_compiled_fp32_vs_diffusers_compiled_fp32": ratio("diffusers_compiled_fp32", "ours_compiled_fp32"),
         "ours_compiled_default_vs_diffusers_compiled_bf16": ratio("diffusers_compiled_bf16", "ours_compiled_default"),
         # issue 16's minimum: the compiled defaults vs diffusers eager fp32 (>= 2.0) and eager bf16 (>= 1.4)
@@ -136,7 +153,7 @@ def test_unet_trajectory_vs_diffusers(benchmark, report_ratio):
         "ours_compiled_default_vs_diffusers_bf16": ratio("diffusers_bf16", "ours_compiled_default"),
         # what precision or compile alone gives diffusers itself
         **{f"{k}_vs_diffusers_fp32": ratio("diffusers_fp32", k) for k in
-           ("ours_default", "diffusers_bf16", "diffusers_compiled_fp32", "diffusers_compiled_bf16")},
+           ("ours_default", "diffusers_bf16", "diffusers_bf16_weights", "diffusers_compiled_fp32", "diffusers_compiled_bf16")},
     }  # fmt: skip
     # Differences of medians: on a shared machine their noise (+-70 ms a step measured under load
     # 1-7, docs/results/compile.md) hides a loop's own cost; bench/test_bench_loop.py times
@@ -158,6 +175,7 @@ def test_unet_trajectory_vs_diffusers(benchmark, report_ratio):
     })  # fmt: skip
     report_ratio(f"unet S={S} B={B}, median of {ROUNDS} paired rounds: equal settings: fp32 "
                  f"{speedups['ours_fp32_vs_diffusers_fp32']:.2f}x, bf16 autocast {speedups['ours_default_vs_diffusers_bf16']:.2f}x, "
+                 f"ours bf16 vs diffusers with bf16 weights {speedups['ours_default_vs_diffusers_bf16_weights']:.2f}x, "
                  f"compiled fp32 {speedups['ours_compiled_fp32_vs_diffusers_compiled_fp32']:.2f}x, compiled bf16 "
                  f"{speedups['ours_compiled_default_vs_diffusers_compiled_bf16']:.2f}x; compiled defaults vs diffusers fp32 "
                  f"{speedups['ours_compiled_default_vs_diffusers_fp32']:.2f}x, vs diffusers bf16 "
