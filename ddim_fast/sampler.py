@@ -320,8 +320,8 @@ class FusedSampler:
     def _cast_weights(self, device: torch.device, autocast_dtype) -> Optional["trajectory.CastWeights"]:
         """Low-precision copies of the weights (``trajectory.CastWeights``, one per device and dtype,
         shared by every shape), refreshed for this call, instead of autocast casting them at every
-        model call; None where that does not apply. On CPUs, where it was measured (1.10x eager,
-        1.14x compiled, docs/results/compile.md), for modules with float32 parameters; CUDA keeps
+        model call; None where that does not apply. On CPUs, where it was measured (a trajectory
+        1.05-1.08x faster, docs/results/compile.md), for modules with float32 parameters; CUDA keeps
         plain autocast until a GPU measurement exists."""
         if autocast_dtype is None or device.type != "cpu" or not isinstance(self.model, torch.nn.Module):
             return None

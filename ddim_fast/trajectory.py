@@ -107,9 +107,10 @@ class ModelCall:
 class CastWeights:
     """A user's module run with its float32 parameters cast ONCE to ``dtype``, under the same autocast.
 
-    Autocast casts every weight again at every call inside ``torch.inference_mode`` (its cache
-    keeps only casts made with autograd on); holding bf16 copies instead ran the bench UNet 1.10x
-    faster eagerly and 1.14x compiled on a CPU with AMX, with the same images (docs/results/compile.md).
+    Autocast casts every weight again at every call inside ``torch.inference_mode``, where the
+    sampler runs the model (its weight cache does not apply there); holding bf16 copies instead ran the bench UNet 1.10x
+    faster a call eagerly and 1.14x compiled on a CPU with AMX (a 20-step trajectory: 1.06x and
+    1.08x), with the same images (docs/results/compile.md).
     The module itself is never modified: ``torch.func.functional_call`` runs it with the copies in
     place of its parameters, and autocast stays on around it, so its buffers, the tensors it makes
     itself and autocast's float32 ops behave as under autocast alone. ``refresh()`` (once per
