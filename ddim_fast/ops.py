@@ -81,8 +81,8 @@ def triton_available(device) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _cpp_ops():
-    """``torch.ops.ddim_fast_C`` built for this contract version, or None with one warning."""
+def _cpp_load():
+    """(``torch.ops.ddim_fast_C`` built for this contract version, None) or (None, why not)."""
     try:
         from ddim_fast import _ext
 
@@ -90,15 +90,20 @@ def _cpp_ops():
         ns = torch.ops.ddim_fast_C
         version = int(ns.contract_version())
     except Exception as e:
-        _warn_once(f"the C++ backend is unavailable ({type(e).__name__}: {e}); using the PyTorch reference")
-        return None
+        return None, f"{type(e).__name__}: {e}"
     if version != layout.CONTRACT_VERSION:
-        _warn_once(
-            f"the C++ extension was built for contract version {version}, not {layout.CONTRACT_VERSION} "
-            "(rebuild with `pip install --no-build-isolation -e .`); using the PyTorch reference"
+        return None, (
+            f"the extension was built for contract version {version}, not {layout.CONTRACT_VERSION}: rebuild it "
+            "with `pip install --no-build-isolation -e .`"
         )
-        return None
-    return ns
+    return ns, None
+
+
+def _cpp_ops():
+    """``torch.ops.ddim_fast_C`` built for this contract version, or None (``resolve_backend``
+    says why, once)."""
+    return _cpp_load()[0]
+
 
 
 def cpp_available() -> bool:
@@ -118,7 +123,12 @@ def resolve_backend(backend: str, device) -> str:
                 return "triton"
             _warn_once("no Triton kernel for CUDA tensors; using the PyTorch reference step")
             return "torch"
-        return "cpp" if device.type == "cpu" and cpp_available() else "torch"
+        if device.type != "cpu":
+            return "torch"
+        if cpp_available():
+            return "cpp"
+        _warn_once(f"the C++ backend is unavailable ({_cpp_load()[1]}); using the PyTorch reference")
+        return "torch"
     if backend == "triton":
         if triton_available(device):
             return "triton"
@@ -127,7 +137,8 @@ def resolve_backend(backend: str, device) -> str:
         return "torch"
     if device.type == "cpu" and cpp_available():
         return "cpp"
-    _warn_once(f'backend="cpp" is unavailable on {device.type} tensors; using the PyTorch reference')
+    why = _cpp_load()[1] if device.type == "cpu" else "the C++ kernel runs on CPU tensors"
+    _warn_once(f'backend="cpp" is unavailable on {device.type} tensors ({why}); using the PyTorch reference')
     return "torch"
 
 

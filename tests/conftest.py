@@ -31,9 +31,9 @@ def no_extension(monkeypatch):
 
     monkeypatch.setattr(_ext, "load", unavailable)
     monkeypatch.setattr(ops, "_WARNED", set())
-    ops._cpp_ops.cache_clear()
+    ops._cpp_load.cache_clear()
     yield
-    ops._cpp_ops.cache_clear()  # later tests load the real extension again
+    ops._cpp_load.cache_clear()  # later tests load the real extension again
 
 
 @pytest.fixture(params=["torch", "cpp", "triton"])

@@ -301,6 +301,14 @@ def test_unavailable_extension_gives_one_warning_and_the_reference(no_extension)
         assert ops.resolve_backend("cpp", "cpu") == "torch"  # asked by name: says so once more
 
 
+def test_cpp_asked_by_name_without_the_extension_is_one_warning_with_the_reason(no_extension):
+    with pytest.warns(RuntimeWarning) as record:
+        assert ops.resolve_backend("cpp", "cpu") == "torch"
+    messages = [str(w.message) for w in record if "ddim_fast" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert 'backend="cpp" is unavailable on cpu tensors' in messages[0] and "no compiler (simulated)" in messages[0]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
