@@ -129,8 +129,11 @@ class CastWeights:
 
     def refresh(self) -> None:
         params = [(n, p) for n, p in self.module.named_parameters() if p.dtype == torch.float32]
-        key = tuple((n, id(p), p.data_ptr(), p._version, p.device) for n, p in params)
-        if key == self._key:
+        # Parameters made under torch.inference_mode have no version counter: cast again every call.
+        key = None if any(p.is_inference() for _, p in params) else tuple(
+            (n, id(p), p.data_ptr(), p._version, p.device) for n, p in params
+        )
+        if key is not None and key == self._key:
             return
         cast = {}
         with torch.no_grad():

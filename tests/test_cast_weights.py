@@ -104,3 +104,15 @@ def test_an_error_of_the_inputs_is_raised_and_the_copies_stay():
     with pytest.raises(Exception):
         sampler.sample(shape=(1, 5, 4, 4), seed=0)  # 5 channels: the model's own error
     assert _cast_of(sampler).failed is None
+
+
+def test_a_module_built_under_inference_mode_is_cast_every_call():
+    with torch.inference_mode():  # its parameters are inference tensors: no version counter
+        model = TinyConvModel()
+    sampler = FusedSampler(model, steps=3, precision="bf16", backend="torch")
+    x_T = torch.randn(1, 3, 4, 4)
+    first = sampler.sample(x_T)
+    with torch.inference_mode():
+        model.conv.weight.mul_(-1)  # changed in place where no version counter sees it
+    assert torch.equal(sampler.sample(x_T), FusedSampler(model, steps=3, precision="bf16", backend="torch").sample(x_T))
+    assert not torch.equal(first, sampler.sample(x_T))
