@@ -26,26 +26,44 @@ from typing import Callable, Optional, Union
 
 import torch
 
-__all__ = ["MODES", "CompiledModel", "maybe_compile", "compile_pays_off", "break_even_calls"]
+__all__ = ["MODES", "CompiledModel", "maybe_compile", "compile_pays_off", "break_even_calls", "measured_kind"]
 
 MODES = (False, True, "auto")
 
 # The rule of "auto": compile when the caller expects at least cold_s / saved_ms * 1e3 model
-# calls, from figures measured per device type: (first compiled call with a cold inductor
-# cache in s, ms saved per model call at the default precision). On this project's CPU (2-core
-# EPYC, avx512_bf16, shared with 7 other jobs; bench UNet = diffusers UNet2DModel 5.4M,
-# 8x3x32x32, S = 20, 1 thread, bench/test_bench_sampler.py) the compiled defaults (bf16
-# autocast) took 121 s to their first trajectory (cold, load 3-7) and then saved 8.7-8.9 ms of
-# 99-104 ms a call in the two quieter runs (load 1.4-2.9; nothing at load 7): 13,750 calls to
-# break even, e.g. a sharded run of 50k samples at B = 64, S = 50 (39k calls) but no single
-# sampler call of S <= 1000 steps. Nothing has been measured on a GPU yet (bench/gpu_check.py
-# measures both figures): "auto" leaves CUDA models eager.
-MEASURED = {"cpu": (121.0, 8.8)}
+# calls, from figures measured per kind of device: (first compiled call with a cold inductor
+# cache in s, ms saved per model call at the default precision), bench UNet = diffusers
+# UNet2DModel 5.4M, 8x3x32x32, S = 20 (bench/test_bench_sampler.py, docs/results/compile.md).
+# - "cpu" (no AMX; measured on a 2-core EPYC with avx512_bf16, shared with 7 other jobs, 1
+#   thread): the compiled defaults took 121 s to their first trajectory (cold, load 3-7) and then
+#   saved 8.7-8.9 ms of 99-104 ms a call in the two quieter runs: 13,750 calls to break even,
+#   e.g. a sharded run of 50k samples at B = 64, S = 50 (39k calls) but no single sampler call of
+#   S <= 1000 steps.
+# - "cpu-amx" (bf16 matrix units, where inductor's code runs 1.6x eager bf16; a 2-core Sapphire
+#   Rapids, 2 threads, idle): first compiled call 33-50 s cold, then 10.5-14.7 ms saved of
+#   39-49 ms a call: from the worst of each, 4,762 calls (10k samples at B = 64, S = 50 pay).
+# Nothing has been measured on a GPU yet (bench/gpu_check.py measures both figures): "auto"
+# leaves CUDA models eager.
+MEASURED = {"cpu": (121.0, 8.8), "cpu-amx": (50.0, 10.5)}
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def measured_kind(device) -> str:
+    """The row of ``MEASURED`` that speaks for ``device``: its type, and CPUs with AMX apart."""
+    kind = torch.device(device).type
+    return "cpu-amx" if kind == "cpu" and _cpu_has_amx() else kind
 
 
 def break_even_calls(device) -> Optional[int]:
     """Model calls after which compiling has paid for itself on ``device``; None: never measured to."""
-    cold_s, saved_ms = MEASURED.get(torch.device(device).type, (None, None))
+    cold_s, saved_ms = MEASURED.get(measured_kind(device), (None, None))
     if cold_s is None or saved_ms <= 0:
         return None
     return math.ceil(cold_s / saved_ms * 1e3)

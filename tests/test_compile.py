@@ -49,7 +49,16 @@ def test_false_and_auto_where_compile_was_not_measured_to_pay_return_the_model_i
     assert isinstance(C.maybe_compile(model, "auto", "cpu", expected_calls=10**9), C.CompiledModel)
 
 
+@pytest.mark.parametrize("amx, calls", [(False, 13750), (True, 4762)])
+def test_the_measured_row_follows_the_cpu(monkeypatch, amx, calls):
+    monkeypatch.setattr(C, "_cpu_has_amx", lambda: amx)
+    assert C.measured_kind("cpu") == ("cpu-amx" if amx else "cpu") and C.measured_kind("cuda:0") == "cuda"
+    assert C.break_even_calls("cpu") == calls
+    assert C.compile_pays_off("cpu", calls) and not C.compile_pays_off("cpu", calls - 1)
+
+
 def test_no_saving_means_never(monkeypatch):
+    monkeypatch.setattr(C, "_cpu_has_amx", lambda: False)
     monkeypatch.setitem(C.MEASURED, "cpu", (121.0, -1.2))  # a loaded machine's figure: slower compiled
     assert C.break_even_calls("cpu") is None
     assert C.maybe_compile(Affine(), "auto", "cpu", expected_calls=10**9).__class__ is Affine
