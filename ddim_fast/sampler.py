@@ -110,7 +110,7 @@ class FusedSampler:
         self._ring = {kind: (table.history_slots, table.uses_saved) for kind, table in self._tables.items()}
         self._device_cache: Dict[tuple, torch.Tensor] = {}
         self._models: Dict[tuple, Callable] = {}
-        self._casts: Dict[tuple, trajectory.CastWeights] = {}  # of _models' entries, refreshed per call
+        self._casts: Dict[tuple, trajectory.CastWeights] = {}  # (device, dtype) -> weight copies, refreshed per call
         self._graphs = None  # ddim_fast.graphs.GraphCache, created on first CUDA use
         self._expected_calls: Optional[int] = None  # model calls a long run expects (compile="auto")
 
