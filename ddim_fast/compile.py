@@ -20,13 +20,15 @@ containers) to start a long sharded run fast. docs/results/compile.md has cold a
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Callable, Optional, Union
 
 import torch
 
-__all__ = ["MODES", "CompiledModel", "maybe_compile", "compile_pays_off", "break_even_calls", "measured_kind"]
+__all__ = ["MODES", "CompiledModel", "maybe_compile", "compile_pays_off", "break_even_calls", "measured_kind",
+           "cpu_flags"]
 
 MODES = (False, True, "auto")
 
@@ -47,12 +49,18 @@ MODES = (False, True, "auto")
 MEASURED = {"cpu": (121.0, 8.8), "cpu-amx": (50.0, 10.5)}
 
 
-def _cpu_has_amx() -> bool:
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset:
+    """The CPU feature flags of /proc/cpuinfo (read once; empty where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            return "amx_bf16" in f.read()
+            return frozenset(f.read().split())
     except OSError:
-        return False
+        return frozenset()
+
+
+def _cpu_has_amx() -> bool:
+    return "amx_bf16" in cpu_flags()
 
 
 def measured_kind(device) -> str:

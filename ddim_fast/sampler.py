@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ddim_fast import layout, ops, reference, solvers, trajectory
+from ddim_fast.compile import cpu_flags
 from ddim_fast.schedule import NoiseSchedule, _check_eta
 from ddim_fast.trajectory import Trajectory
 
@@ -467,11 +468,7 @@ def _prepare_kwargs(kwargs, guidance_scale, B: int, device: torch.device) -> Dic
 
 
 def _cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
