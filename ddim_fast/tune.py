@@ -23,8 +23,8 @@ geometric mean of the samples' own RMS errors ("log"). The RMS error is dominate
 samples whose trajectory ends in another mode, so it cannot see the data's fine structure: on
 a mixture of narrow modes (std 0.05 in D = 8) it keeps the smallest timestep where the final
 x0-prediction collapses every mode to a fifth of its width. The log loss weighs every sample's
-relative error alike (docs/results/quality.md: what each gives on the mixtures; give it
-``max_trials`` defaults to 120 for it, as the measurements there use).
+relative error alike (docs/results/quality.md: what each gives on the mixtures); its search
+starts from coarser moves, and ``max_trials`` defaults to 120 for it, as measured there.
 
 Every run is the sampler's own: a ``trajectory.Plan`` run by ``trajectory.run`` (the one loop,
 the one output normalisation ``trajectory.ModelCall``, the fused op), recording the teacher's
