@@ -73,10 +73,10 @@ static_assert(DDIM_HISTORY_TERMS == 3, "the kernel reads the history columns c_h
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #include <immintrin.h>
 #define DDIM_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define DDIM_HAVE_AVX512_NOISE 1
+#define DDIM_HAVE_X86_NOISE 1
 #else
 #define DDIM_TARGET_CLONES
-#define DDIM_HAVE_AVX512_NOISE 0
+#define DDIM_HAVE_X86_NOISE 0
 #endif
 #define DDIM_INLINE inline __attribute__((always_inline))
 
@@ -165,7 +165,7 @@ struct StepArgs {
   Combination xn, sv;  // x_next and the saved-state update
   int64_t D;           // elements per sample
   NoiseKey key;
-  bool fast_noise;  // the AVX-512 generator (philox.h)
+  int noise_impl;  // the generator (philox.h kNoise*)
   std::atomic<int>* bad_model;
   std::atomic<int>* bad_state;
 };
@@ -474,7 +474,7 @@ DDIM_TARGET_CLONES void step_range(const StepArgs& a, int64_t begin, int64_t end
       if (a.noise != nullptr) {
         z = a.noise + e0;
       } else {
-        fill_noise(bz, e0, n, a.D, a.key, a.fast_noise);
+        fill_noise(bz, e0, n, a.D, a.key, a.noise_impl);
         z = bz;
       }
     }
@@ -508,8 +508,8 @@ DDIM_TARGET_CLONES void step_range(const StepArgs& a, int64_t begin, int64_t end
   if (es == kExpMask) a.bad_state->store(1, std::memory_order_relaxed);
 }
 
-DDIM_TARGET_CLONES void noise_range(float* z, int64_t begin, int64_t end, int64_t D, const NoiseKey& key, bool fast) {
-  for (int64_t e0 = begin; e0 < end; e0 += kTile) fill_noise(z + e0, e0, std::min(kTile, end - e0), D, key, fast);
+DDIM_TARGET_CLONES void noise_range(float* z, int64_t begin, int64_t end, int64_t D, const NoiseKey& key, int impl) {
+  for (int64_t e0 = begin; e0 < end; e0 += kTile) fill_noise(z + e0, e0, std::min(kTile, end - e0), D, key, impl);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -650,7 +650,7 @@ void step_cpu(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor
       a.noise = noise->const_data_ptr<float>();
     } else {
       a.key = make_key(seed, step, DDIM_STREAM_STEP, x.size(0), kOp);
-      a.fast_noise = g_noise_impl.load(std::memory_order_relaxed) == 1;
+      a.noise_impl = g_noise_impl.load(std::memory_order_relaxed);
     }
   }
   if (numel == 0) return;
@@ -685,10 +685,10 @@ at::Tensor gaussian_cpu(const at::Tensor& seed, at::IntArrayRef shape, int64_t s
   if (numel == 0) return z;
   const int64_t D = numel / shape[0];
   float* zp = z.mutable_data_ptr<float>();
-  const bool fast = g_noise_impl.load(std::memory_order_relaxed) == 1;
+  const int impl = g_noise_impl.load(std::memory_order_relaxed);
   const int64_t tiles = (numel + kTile - 1) / kTile;
   parallel_tiles(tiles, kGrainNoise, kChunkNoise, [&](int64_t t0, int64_t t1) {
-    noise_range(zp, t0 * kTile, std::min(t1 * kTile, numel), D, key, fast);
+    noise_range(zp, t0 * kTile, std::min(t1 * kTile, numel), D, key, impl);
   });
   return z;
 }
@@ -699,11 +699,15 @@ at::Tensor gaussian_meta(const at::Tensor&, at::IntArrayRef shape, int64_t, int6
 
 int64_t contract_version() { return DDIM_CONTRACT_VERSION; }
 
-// The noise generator in use: 1 = AVX-512, 0 = portable. choice 0 / 1 selects one (1 only where
-// the CPU has AVX-512), -1 only reads. For benchmarks and tests; both give the same bits.
+// The noise generator in use: 0 = portable, 1 = AVX-512, 2 = AVX2. choice 0 / 1 / 2 selects one
+// where the CPU has it (else the portable one), -2 the fastest the CPU has, -1 only reads. For
+// benchmarks and tests: all give the same bits.
 int64_t noise_impl(int64_t choice) {
-  TORCH_CHECK(choice >= -1 && choice <= 1, "ddim_fast_C::noise_impl: choice must be -1 (read), 0 (portable) or 1 (AVX-512), got ", choice);
-  if (choice >= 0) g_noise_impl.store(choice == 1 && kUseAvx512 ? 1 : 0);
+  TORCH_CHECK(choice >= -2 && choice <= 2,
+              "ddim_fast_C::noise_impl: choice must be -2 (the fastest), -1 (read), 0 (portable), 1 (AVX-512) or 2 "
+              "(AVX2), got ", choice);
+  if (choice == -2) g_noise_impl.store(kBestNoiseImpl);
+  if (choice >= 0) g_noise_impl.store(noise_impl_available(static_cast<int>(choice)) ? static_cast<int>(choice) : kNoisePortable);
   return g_noise_impl.load();
 }
 

@@ -7,13 +7,16 @@
 //         u = float(r >= 0 ? r : ~r) * 4.6566127342e-10f   (r as int32),
 //         (z0, z1) = BoxMuller(u0, u1), (z2, z3) = BoxMuller(u2, u3).
 //
-// Two paths that give the same bits: plain C++ that gcc vectorizes (normals_portable, ~2.0 ns
-// per normal per core in the AVX-512 build, where its table loads are gathers; ~2.5 ns with
-// AVX2), and hand-written AVX-512 (normals_avx512, ~0.54 ns: Philox 0.27, Box-Muller 0.23),
-// picked at load time; torch.randn takes ~2.4 ns (1 thread of a Sapphire Rapids core). log,
-// sin and cos are written out because libm's scalar calls do not vectorize: table-driven, with
-// no division and no branch (neg2_log, sincos_sector), within ~1.2 ulp (log) and 4e-8 (sin, cos;
-// the quadrant-reduction version before took 0.44 ns per normal for Box-Muller, against 0.23).
+// Three paths that give the same bits, picked at load time (ddim_fast_C::noise_impl): plain C++
+// that gcc vectorizes (normals_portable, ~2.0 ns per normal per core in the AVX-512 build, where
+// its table loads are gathers; 4.4 ns with AVX2 on Zen 3, whose gathers are microcoded),
+// hand-written AVX-512 (normals_avx512, ~0.54 ns on Sapphire Rapids: Philox 0.27, Box-Muller
+// 0.23) and hand-written AVX2 + FMA (normals_avx2, 1.9 ns on Zen 3: Philox 0.65, Box-Muller 1.3,
+// whose 16 vpermps a call are its largest cost); torch.randn takes ~2.4 ns (Sapphire Rapids) and
+// ~4.5 ns (Zen 3) on one thread. log, sin and cos are written out because libm's scalar calls do
+// not vectorize: table-driven, with no division and no branch (neg2_log, sincos_sector), within
+// ~1.2 ulp (log) and 4e-8 (sin, cos; the quadrant-reduction version before took 0.44 ns per
+// normal for Box-Muller on AVX-512, against 0.23).
 // The noise stays within 1e-6 of reference.gaussian (tests/test_cpp_kernel.py; over 2^25 draws
 // the largest gap is 9.5e-7 = 2 ulp at |z| ~ 4, as before: mostly torch's own rounding).
 //
@@ -212,7 +215,7 @@ DDIM_INLINE void normals_portable(uint32_t g0, int64_t G, uint32_t c1, uint32_t 
   }
 }
 
-#if DDIM_HAVE_AVX512_NOISE
+#if DDIM_HAVE_X86_NOISE
 // The second path (AVX-512 CPUs): the same operations in the same order as normals_portable
 // (FMAs where it calls std::fma, vpermps / vpermt2ps where it indexes a table), hence the same
 // bits (tests/test_cpp_kernel.py), at 0.54 ns per normal instead of 2.0. Kept because the whole
@@ -374,38 +377,215 @@ DDIM_AVX512 __attribute__((noinline)) void normals_avx512(uint32_t g0, int64_t G
   }
 }
 
-static const bool kUseAvx512 = [] {
+// The third path (AVX2 + FMA CPUs without AVX-512: Zen 1-3, most client Intel parts): the same
+// operations as normals_portable, hence the same bits, on 8 lanes. A table of 16 is two vpermps
+// and a blend on bit 3 of the index, one of 32 four vpermps and three blends (gathers, which
+// the portable path compiles to, are microcoded and slow on these parts). Kept because the whole
+// step at eta = 1 is 2.2x faster with it than with the portable path: 392 us against 863 us for
+// 64x3x32x32 on 1 thread of a Zen 3 core (bench/test_bench_step.py, eta1, speedup_vector_noise;
+// median of paired rounds). 4 Philox chains: 2 took 0.73-0.81 ns a normal against 0.64-0.70.
+#define DDIM_AVX2 __attribute__((target("avx2,fma")))
+
+struct PhiloxConsts8 {  // PhiloxConsts for 4 groups in 64-bit lanes
+  __m256i k0[10], k1[10];
+  __m256i x2_r1, x0_r2, x2_r2, x2_r3;
+};
+
+DDIM_AVX2 static inline void philox_consts8(uint32_t n, uint32_t w3, const NoiseKey& key, PhiloxConsts8& pc) {
+  uint32_t k0 = key.k0, k1 = key.k1;
+  for (int r = 0; r < 10; ++r, k0 += kPhiloxKeyA, k1 += kPhiloxKeyB) {
+    pc.k0[r] = _mm256_set1_epi64x(k0);
+    pc.k1[r] = _mm256_set1_epi64x(k1);
+  }
+  const uint32_t key0 = key.k0, key1 = key.k1;
+  const uint64_t pb1 = static_cast<uint64_t>(key.step) * kPhiloxRoundB;
+  const uint32_t c0_r1 = static_cast<uint32_t>(pb1 >> 32) ^ n ^ key0, c1_r1 = static_cast<uint32_t>(pb1);
+  const uint64_t pa2 = static_cast<uint64_t>(c0_r1) * kPhiloxRoundA;
+  pc.x2_r1 = _mm256_set1_epi64x(w3 ^ key1);
+  pc.x0_r2 = _mm256_set1_epi64x(c1_r1 ^ (key0 + kPhiloxKeyA));
+  pc.x2_r2 = _mm256_set1_epi64x(static_cast<uint32_t>(pa2 >> 32) ^ (key1 + kPhiloxKeyB));
+  pc.x2_r3 = _mm256_set1_epi64x(static_cast<uint32_t>(pa2) ^ (key1 + 2 * kPhiloxKeyB));
+}
+
+// The low 32-bit halves of the 64-bit lanes of lo and hi, per 128-bit lane: (lo0, lo1, hi0, hi1 | lo2, lo3, hi2, hi3).
+DDIM_AVX2 static inline __m256i low_halves(__m256i lo, __m256i hi) {
+  return _mm256_castps_si256(_mm256_shuffle_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), 0x88));
+}
+
+// Philox for 16 groups g .. g + 15 in 4 chains of 4 (one group per 64-bit lane, as philox_block).
+// Chain b holds groups {0, 1, 4, 5} + 8 (b / 2) + 2 (b % 2), so that one vshufps of chains 2c
+// and 2c + 1 puts groups 8c .. 8c + 7 in order. Writes w[16 j + i] = word j of group g + i.
+DDIM_AVX2 static inline void philox_block8(uint32_t g, const PhiloxConsts8& pc, uint32_t* w) {
+  const __m256i mA = _mm256_set1_epi64x(kPhiloxRoundA), mB = _mm256_set1_epi64x(kPhiloxRoundB);
+  const __m256i lane = _mm256_setr_epi64x(0, 1, 4, 5);
+  __m256i c0[4], c1[4], c2[4], c3[4];
+#pragma GCC unroll 4
+  for (int b = 0; b < 4; ++b) {  // rounds 1 to 3, as philox_block
+    const __m256i ctr = _mm256_add_epi64(_mm256_set1_epi64x(g + 8u * (b >> 1) + 2u * (b & 1)), lane);
+    const __m256i pa1 = _mm256_mul_epu32(ctr, mA);
+    const __m256i c2_r1 = _mm256_xor_si256(_mm256_srli_epi64(pa1, 32), pc.x2_r1);
+    const __m256i pb2 = _mm256_mul_epu32(c2_r1, mB);
+    const __m256i c0_r2 = _mm256_xor_si256(_mm256_srli_epi64(pb2, 32), pc.x0_r2);
+    const __m256i c2_r2 = _mm256_xor_si256(pa1, pc.x2_r2);
+    const __m256i pb3 = _mm256_mul_epu32(c2_r2, mB), pa3 = _mm256_mul_epu32(c0_r2, mA);
+    c0[b] = _mm256_xor_si256(_mm256_srli_epi64(pb3, 32), _mm256_xor_si256(pb2, pc.k0[2]));
+    c1[b] = pb3;
+    c2[b] = _mm256_xor_si256(_mm256_srli_epi64(pa3, 32), pc.x2_r3);
+    c3[b] = pa3;
+  }
+#pragma GCC unroll 7
+  for (int r = 3; r < 10; ++r) {
+#pragma GCC unroll 4
+    for (int b = 0; b < 4; ++b) {
+      const __m256i t1 = _mm256_xor_si256(c1[b], pc.k0[r]), t3 = _mm256_xor_si256(c3[b], pc.k1[r]);
+      c1[b] = _mm256_mul_epu32(c2[b], mB);
+      c3[b] = _mm256_mul_epu32(c0[b], mA);
+      c0[b] = _mm256_xor_si256(_mm256_srli_epi64(c1[b], 32), t1);  // hi(pb) ^ c1 ^ k0
+      c2[b] = _mm256_xor_si256(_mm256_srli_epi64(c3[b], 32), t3);  // hi(pa) ^ c3 ^ k1
+    }
+  }
+#pragma GCC unroll 2
+  for (int c = 0; c < 2; ++c) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w + 0 + 8 * c), low_halves(c0[2 * c], c0[2 * c + 1]));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w + 16 + 8 * c), low_halves(c1[2 * c], c1[2 * c + 1]));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w + 32 + 8 * c), low_halves(c2[2 * c], c2[2 * c + 1]));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w + 48 + 8 * c), low_halves(c3[2 * c], c3[2 * c + 1]));
+  }
+}
+
+// table[i & 15] lane-wise.
+DDIM_AVX2 static inline __m256 lookup16(const float* table, __m256i i) {
+  const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), i);
+  const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), i);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
+}
+
+// table[q] lane-wise for q in [0, 32); bit3 / bit4: q << 28 / q << 27 (blendv reads the sign).
+DDIM_AVX2 static inline __m256 lookup32(const float* table, __m256i q, __m256 bit3, __m256 bit4) {
+  const __m256 t0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), q);
+  const __m256 t1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), q);
+  const __m256 t2 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 16), q);
+  const __m256 t3 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 24), q);
+  return _mm256_blendv_ps(_mm256_blendv_ps(t0, t1, bit3), _mm256_blendv_ps(t2, t3, bit3), bit4);
+}
+
+DDIM_AVX2 static inline __m256i uniform_int8(__m256i r) { return _mm256_xor_si256(r, _mm256_srai_epi32(r, 31)); }
+
+// neg2_log, lane-wise.
+DDIM_AVX2 static inline __m256 neg2_log8(__m256 u) {
+  const __m256i tmp = _mm256_sub_epi32(_mm256_castps_si256(u), _mm256_set1_epi32(static_cast<int32_t>(kLogOff)));
+  const __m256 kf = _mm256_cvtepi32_ps(_mm256_srai_epi32(tmp, 23));
+  const __m256i i = _mm256_srli_epi32(tmp, 19);  // lookup16 reads the low 4 bits
+  const __m256 z = _mm256_castsi256_ps(
+      _mm256_add_epi32(_mm256_and_si256(tmp, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(static_cast<int32_t>(kLogOff))));
+  const __m256 rho = _mm256_fmadd_ps(z, lookup16(kLogNeg2InvC, i), _mm256_set1_ps(2.0f));
+  const __m256 p = _mm256_fmadd_ps(
+      rho, _mm256_fmadd_ps(rho, _mm256_fmadd_ps(rho, _mm256_set1_ps(kLogB4), _mm256_set1_ps(kLogB3)), _mm256_set1_ps(kLogB2)),
+      _mm256_set1_ps(kLogB1));
+  const __m256 w = _mm256_add_ps(lookup16(kLogTwiceLogInvC, i), _mm256_fmadd_ps(_mm256_mul_ps(rho, rho), p, rho));
+  return _mm256_fmadd_ps(kf, _mm256_set1_ps(kNeg2Ln2), w);
+}
+
+// sincos_sector, lane-wise.
+DDIM_AVX2 static inline void sincos8(__m256i q, __m256 th, __m256& s_out, __m256& c_out) {
+  const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)), bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(q, 27));
+  const __m256 y = _mm256_sub_ps(th, lookup32(kSectorAngle, q, bit3, bit4));
+  const __m256 z = _mm256_mul_ps(y, y);
+  const __m256 sy = _mm256_fmadd_ps(_mm256_mul_ps(y, z), _mm256_fmadd_ps(z, _mm256_set1_ps(kSinS2), _mm256_set1_ps(kSinS1)), y);
+  const __m256 cm1 = _mm256_mul_ps(z, _mm256_fmadd_ps(z, _mm256_set1_ps(kCosC2), _mm256_set1_ps(kCosC1)));
+  const __m256 sa = lookup32(kSectorSin, q, bit3, bit4), ca = lookup32(kSectorCos, q, bit3, bit4);
+  s_out = _mm256_add_ps(sa, _mm256_fmadd_ps(sa, cm1, _mm256_mul_ps(ca, sy)));
+  c_out = _mm256_add_ps(ca, _mm256_fmsub_ps(ca, cm1, _mm256_mul_ps(sa, sy)));
+}
+
+// box_muller for 8 uniform pairs (a, b).
+DDIM_AVX2 static inline void box_muller8(__m256i a, __m256i b, __m256& zc, __m256& zs) {
+  const __m256i s2 = uniform_int8(b);
+  const __m256 scale = _mm256_set1_ps(kUniformScale);
+  const __m256 u1 = _mm256_max_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(uniform_int8(a)), scale), _mm256_set1_ps(1.0e-7f));
+  const __m256 th = _mm256_mul_ps(_mm256_set1_ps(kTwoPi), _mm256_mul_ps(_mm256_cvtepi32_ps(s2), scale));
+  const __m256 r = _mm256_sqrt_ps(neg2_log8(u1));
+  __m256 s, c;
+  sincos8(_mm256_srli_epi32(s2, kSectorShift), th, s, c);
+  zc = _mm256_mul_ps(r, c);
+  zs = _mm256_mul_ps(r, s);
+}
+
+// normals_portable, for G rounded up to a multiple of 16, as normals_avx512.
+DDIM_AVX2 __attribute__((noinline)) void normals_avx2(uint32_t g0, int64_t G, uint32_t n, uint32_t w3,
+                                                      const NoiseKey& key, float* zz) {
+  alignas(64) uint32_t words[4 * kMaxNoiseGroups];
+  PhiloxConsts8 pc;
+  philox_consts8(n, w3, key, pc);
+  for (int64_t i = 0; i < G; i += 16) philox_block8(g0 + static_cast<uint32_t>(i), pc, words + 4 * i);
+  const uint32_t* w = words;
+  for (int64_t i = 0; i < G; i += 16, w += 64) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h, zz += 32) {  // groups i + 8 h .. i + 8 h + 7
+      const __m256i* wv = reinterpret_cast<const __m256i*>(w + 8 * h);
+      __m256 A, B, C, D;  // outputs 0, 1, 2, 3 of the 8 groups
+      box_muller8(_mm256_load_si256(wv), _mm256_load_si256(wv + 2), A, B);
+      box_muller8(_mm256_load_si256(wv + 4), _mm256_load_si256(wv + 6), C, D);
+      // 4 x 8 -> 8 x 4: zz[4 g + j] = (A, B, C, D)[j][g]
+      const __m256 t0 = _mm256_unpacklo_ps(A, B), t1 = _mm256_unpackhi_ps(A, B);
+      const __m256 t2 = _mm256_unpacklo_ps(C, D), t3 = _mm256_unpackhi_ps(C, D);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+      _mm256_storeu_ps(zz + 0, _mm256_permute2f128_ps(u0, u1, 0x20));
+      _mm256_storeu_ps(zz + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
+      _mm256_storeu_ps(zz + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
+      _mm256_storeu_ps(zz + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
+    }
+  }
+}
+
+// The generators: kNoisePortable everywhere, kNoiseAvx512 / kNoiseAvx2 where the CPU has them.
+constexpr int kNoisePortable = 0, kNoiseAvx512 = 1, kNoiseAvx2 = 2;
+
+static bool noise_impl_available(int impl) {
   __builtin_cpu_init();  // static initializers may run before libgcc's own
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-}();
+  switch (impl) {
+    case kNoisePortable:
+      return true;
+    case kNoiseAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    case kNoiseAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }
+  return false;
+}
 #else
-static const bool kUseAvx512 = false;
+constexpr int kNoisePortable = 0, kNoiseAvx512 = 1, kNoiseAvx2 = 2;
+static bool noise_impl_available(int impl) { return impl == kNoisePortable; }
 #endif
 
-// 0: the portable path, 1: AVX-512 (where the CPU has it). Settable for benchmarks and tests
+// The fastest generator this CPU has.
+static const int kBestNoiseImpl = noise_impl_available(kNoiseAvx512) ? kNoiseAvx512
+                                  : noise_impl_available(kNoiseAvx2)  ? kNoiseAvx2
+                                                                      : kNoisePortable;
+
+// The generator in use (kNoise*; the fastest by default). Settable for benchmarks and tests
 // (ddim_fast_C::noise_impl); every step reads it once.
-std::atomic<int> g_noise_impl{kUseAvx512 ? 1 : 0};
+std::atomic<int> g_noise_impl{kBestNoiseImpl};
 
 // The normals of groups [g0, g0 + G) of global sample n, interleaved (zz[4 i + w] = output w of
-// group g0 + i); zz holds 4 kMaxNoiseGroups floats (the AVX-512 path writes whole 16-groups).
-DDIM_INLINE void normals(uint32_t g0, int64_t G, int64_t n, const NoiseKey& key, bool fast, float* zz) {
+// group g0 + i); zz holds 4 kMaxNoiseGroups floats (the vector paths write whole 16-groups).
+DDIM_INLINE void normals(uint32_t g0, int64_t G, int64_t n, const NoiseKey& key, int impl, float* zz) {
   const uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(n) & 0xffffffffu);
   const uint32_t c3 = key.stream + (static_cast<uint32_t>(static_cast<uint64_t>(n) >> 32) << DDIM_STREAM_BITS);
-#if DDIM_HAVE_AVX512_NOISE
-  if (fast) {
-    normals_avx512(g0, G, c1, c3, key, zz);
-    return;
-  }
+#if DDIM_HAVE_X86_NOISE
+  if (impl == kNoiseAvx512) return normals_avx512(g0, G, c1, c3, key, zz);
+  if (impl == kNoiseAvx2) return normals_avx2(g0, G, c1, c3, key, zz);
 #endif
-  (void)fast;
+  (void)impl;
   normals_portable(g0, G, c1, c3, key, zz);
 }
 
 // z[0, len) = the noise of flat elements [e0, e0 + len) of a (B, D) batch (element b D + j is
 // element j of sample sample_offset + b). A segment never crosses a sample; a sample's first
 // and last groups may be cut, so the normals go through a scratch buffer and are copied.
-DDIM_INLINE void fill_noise(float* z, int64_t e0, int64_t len, int64_t D, const NoiseKey& key, bool fast) {
+DDIM_INLINE void fill_noise(float* z, int64_t e0, int64_t len, int64_t D, const NoiseKey& key, int impl) {
   alignas(64) float zz[4 * kMaxNoiseGroups];
   const int64_t end = e0 + len;
   for (int64_t e = e0; e < end;) {
@@ -418,7 +598,7 @@ DDIM_INLINE void fill_noise(float* z, int64_t e0, int64_t len, int64_t D, const 
     // Whole 16-groups (a tile inside a sample: the common case) go straight to z; the rest through
     // zz (saves a copy of every normal: ~5% of the step at eta = 1).
     const bool direct = (j & 3) == 0 && (seg & 63) == 0;
-    normals(static_cast<uint32_t>(g0), G, key.sample_offset + s, key, fast, direct ? z : zz);
+    normals(static_cast<uint32_t>(g0), G, key.sample_offset + s, key, impl, direct ? z : zz);
     if (!direct) std::memcpy(z, zz + (j & 3), static_cast<size_t>(seg) * sizeof(float));
     z += seg;
     e += seg;

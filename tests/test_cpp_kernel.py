@@ -6,7 +6,8 @@ against ``reference.fused_step(..., compute_dtype=float64)`` at most 2x PyTorch'
 error (``assert_step_close``). The kernel folds each row in float64 and multiplies by
 reciprocals, so its bits are not the reference's. The noise is held to 1e-6 of
 ``reference.gaussian`` (both round float32 log/sin/cos, to within an ulp), and to the bit
-across thread counts and between the kernel's two generators (AVX-512 and portable). Each test calls ``torch.ops.ddim_fast_C`` directly, or checks that
+across thread counts and between the kernel's generators (portable, AVX-512, AVX2: each one the
+CPU has). Each test calls ``torch.ops.ddim_fast_C`` directly, or checks that
 ``backend="cpp"`` resolved to it, so a fallback can never turn it into reference-vs-reference.
 
 The extension is built (or found) once per session; set DDIM_FAST_BUILD_EXT=0 to skip this file.
@@ -353,35 +354,57 @@ def test_noise_matches_the_reference(C, seed, shape, step, stream, offset):
     assert_close(z, z_ref, atol=1e-6, what=f"z(seed={seed}, step={step}, stream={stream}, offset={offset})")
 
 
-@pytest.mark.parametrize("shape", [(3, 5, 33), (2, 1000), (5, 1), (4, 3, 32, 32), (3, 3075)], ids=str)
-def test_both_generators_give_the_same_bits(C, shape):
-    """The AVX-512 generator (where the CPU has one) and the portable one: the same IEEE
-    operations, FMAs included, in the same order."""
-    if C.noise_impl(1) != 1:
-        pytest.skip("no AVX-512 on this CPU: one generator only")
-    args = make_step_args("ddim_eta1", shape, offset=2**32 - 1)
+GENERATORS = {0: "portable", 1: "AVX-512", 2: "AVX2"}  # ddim_fast_C::noise_impl's choices
+
+
+def _use_generator(C, choice):
+    best = C.noise_impl(-1)
     try:
-        fast = C.gaussian(step_seed(2**40 + 3, 2**32 - 2), list(shape), 5, 1), run_op(C.step, args)
-        assert C.noise_impl(0) == 0
-        portable = C.gaussian(step_seed(2**40 + 3, 2**32 - 2), list(shape), 5, 1), run_op(C.step, args)
+        if C.noise_impl(choice) != choice:
+            pytest.skip(f"no {GENERATORS[choice]} on this CPU")
+        yield choice
     finally:
-        C.noise_impl(1)
+        C.noise_impl(best)
+
+
+@pytest.fixture(params=sorted(GENERATORS), ids=list(GENERATORS.values()))
+def generator(request, C):
+    """Each of the kernel's noise generators in turn, where the CPU has it (else skipped)."""
+    yield from _use_generator(C, request.param)
+
+
+@pytest.fixture(params=[1, 2], ids=[GENERATORS[1], GENERATORS[2]])
+def vector_generator(request, C):
+    """Each vector generator the CPU has."""
+    yield from _use_generator(C, request.param)
+
+
+def test_noise_impl_defaults_to_the_fastest_generator(C):
+    best = C.noise_impl(-1)
+    try:
+        assert C.noise_impl(-2) == best
+        has = [g for g in GENERATORS if C.noise_impl(g) == g]
+        assert has[0] == 0 and best == (1 if 1 in has else 2 if 2 in has else 0)
+        with pytest.raises(RuntimeError, match="choice must be"):
+            C.noise_impl(3)
+    finally:
+        C.noise_impl(best)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 33), (2, 1000), (5, 1), (4, 3, 32, 32), (3, 3075)], ids=str)
+def test_each_generator_gives_the_portable_bits(C, vector_generator, shape):
+    """Every vector generator and the portable one: the same IEEE operations, FMAs included, in
+    the same order, hence the same bits."""
+    args = make_step_args("ddim_eta1", shape, offset=2**32 - 1)
+    fast = C.gaussian(step_seed(2**40 + 3, 2**32 - 2), list(shape), 5, 1), run_op(C.step, args)
+    assert C.noise_impl(0) == 0
+    portable = C.gaussian(step_seed(2**40 + 3, 2**32 - 2), list(shape), 5, 1), run_op(C.step, args)
     assert torch.equal(fast[0], portable[0])
     _same(fast[1], portable[1])
 
 
-@pytest.fixture(params=[0, 1], ids=["portable", "avx512"])
-def generator(request, C):
-    """Each of the kernel's two noise generators in turn (the AVX-512 one where the CPU has it)."""
-    if C.noise_impl(request.param) != request.param:
-        C.noise_impl(1)
-        pytest.skip("no AVX-512 on this CPU: one generator only")
-    yield request.param
-    C.noise_impl(1)
-
-
 # Every tail: D = 1 .. 70 elements per sample covers each remainder mod 4 (a cut Philox group)
-# and mod 64 (a cut 16-group of the AVX-512 path); 1536 and 3072 put whole 16-groups straight
+# and mod 64 (a cut 16-group of the vector paths); 1536 and 3072 put whole 16-groups straight
 # into the output (philox.h fill_noise), 1538 / 3075 go through its scratch copy, and 2 x 1536 /
 # 3 x 3075 start samples inside a 1,024-element tile.
 NOISE_SIZES = [(2, d) for d in range(1, 71)] + [(2, 1536), (3, 1538), (1, 3072), (3, 3075), (4, 3, 32, 32)]
@@ -391,9 +414,9 @@ NOISE_SIZES = [(2, d) for d in range(1, 71)] + [(2, 1536), (3, 1538), (1, 3072),
 def test_each_generator_matches_the_reference_at_every_tail(C, generator, shape):
     z = C.gaussian(step_seed(2**40 + 9, 2**32 - 1), list(shape), 6, 1)
     z_ref = reference.gaussian(2**40 + 9, shape, step=6, stream=1, sample_offset=2**32 - 1)
-    assert_close(z, z_ref, atol=1e-6, what=f"z {shape} ({'AVX-512' if generator else 'portable'} generator)")
+    assert_close(z, z_ref, atol=1e-6, what=f"z {shape} ({GENERATORS[generator]} generator)")
     args = make_step_args("ddim_eta1", shape, offset=7)
-    assert_step_close(run_op(C.step, args), args, f"ddim_eta1 {shape} ({'AVX-512' if generator else 'portable'} generator)")
+    assert_step_close(run_op(C.step, args), args, f"ddim_eta1 {shape} ({GENERATORS[generator]} generator)")
 
 
 def test_sample_two_to_the_32_is_not_sample_0(C):
