@@ -27,6 +27,7 @@ import torch
 from _timing import interleaved_seconds, paired_ratio, small_unet as _small_unet, sync
 from ddim_fast import FusedSampler, NoiseSchedule
 from ddim_fast.compile import maybe_compile
+from ddim_fast.sampler import _cpu_has_native_bf16
 
 S, B, ROUNDS = 20, 8, 5
 
@@ -96,27 +97,39 @@ def test_unet_trajectory_vs_diffusers(benchmark, report_ratio):
         "ours_compiled_fp32": _compiled_sampler(unet, schedule=schedule, steps=S, precision="fp32"),
         "ours_compiled_default": _compiled_sampler(unet, schedule=schedule, steps=S),
     }
+    if benchmark.disabled:
+        # CI's untimed run: one compiled sampler is what the checks below need; the other three
+        # compiles (baselines for the ratios) took ~6 of its 8 minutes on a 2-core Zen 3.
+        del ours["ours_compiled_fp32"]
     assert torch.equal(ours["ours_default"].timesteps, scheduler.timesteps)
-    unet_c = maybe_compile(unet, True, "cpu")  # diffusers' UNet compiled exactly as ours is
     unet_bf16 = copy.deepcopy(unet).to(torch.bfloat16)  # what a pipeline loaded with torch_dtype=bfloat16 runs
 
     first_s, images = {}, {}
     for name, sampler in ours.items():
         first_s[name], images[name] = _first_call_seconds(lambda: sampler.sample(x_T))
-    first_s["diffusers_compiled_fp32"], images["diffusers_compiled_fp32"] = _first_call_seconds(
-        lambda: _diffusers_loop(unet_c, scheduler, x_T))
-    first_s["diffusers_compiled_bf16"], images["diffusers_compiled_bf16"] = _first_call_seconds(
-        lambda: _diffusers_loop(unet_c, scheduler, x_T, _bf16))
+    if not benchmark.disabled:
+        unet_c = maybe_compile(unet, True, "cpu")  # diffusers' UNet compiled exactly as ours is
+        first_s["diffusers_compiled_fp32"], images["diffusers_compiled_fp32"] = _first_call_seconds(
+            lambda: _diffusers_loop(unet_c, scheduler, x_T))
+        first_s["diffusers_compiled_bf16"], images["diffusers_compiled_bf16"] = _first_call_seconds(
+            lambda: _diffusers_loop(unet_c, scheduler, x_T, _bf16))
     images["diffusers_fp32"] = _diffusers_loop(unet, scheduler, x_T)
-    images["diffusers_bf16"] = _diffusers_loop(unet, scheduler, x_T, _bf16)
-    images["diffusers_bf16_weights"] = _diffusers_loop_bf16_weights(unet_bf16, scheduler, x_T)
+    # Without native bf16 (AVX2 CPUs such as Zen 3) a bf16 call of this UNet took 6.7 s against
+    # 0.26 s in fp32, and precision="auto" runs fp32 there: CI's untimed run skips those baselines.
+    bf16_baselines = not benchmark.disabled or _cpu_has_native_bf16()
+    if bf16_baselines:
+        images["diffusers_bf16"] = _diffusers_loop(unet, scheduler, x_T, _bf16)
+        images["diffusers_bf16_weights"] = _diffusers_loop_bf16_weights(unet_bf16, scheduler, x_T)
 
     # "within bf16 error": ours vs fp32 no worse than diffusers' own loop under the same autocast
     # (this random UNet's x_0 reaches |x| ~ 600, so absolute errors are compared, not tolerances).
     ref = images["ours_fp32"]
     rms = {k: (v - ref).pow(2).mean().sqrt().item() for k, v in images.items()}
     for name in ("ours_default", "ours_compiled_default"):
-        assert rms[name] <= 2 * rms["diffusers_bf16"], (name, rms)
+        if _cpu_has_native_bf16():
+            assert rms[name] <= 2 * rms["diffusers_bf16"], (name, rms)
+        else:  # the default is fp32 here
+            assert rms[name] <= 1e-3 * ref.abs().max().item(), (name, rms)
     assert rms["diffusers_fp32"] <= 1e-3 * ref.abs().max().item(), rms  # the same trajectory in fp32
 
     benchmark.group = f"unet S={S} B={B}"
