@@ -236,35 +236,49 @@ DDIM_INLINE void normals_portable(uint32_t g0, int64_t G, uint32_t c1, uint32_t 
 constexpr int kChains = 4;                     // Philox chains of 8 groups in flight (6: no faster)
 constexpr int64_t kPhiloxBlock = 8 * kChains;  // groups per philox_block call
 
-struct PhiloxConsts {  // for one (key, counter words 1 to 3); 64-bit lanes holding 32-bit words
-  __m512i k0[10], k1[10];  // round keys
-  __m512i c0_r1;           // c0 after round 1: hi(c2 B) ^ c1 ^ k0, all constant
-  __m512i x2_r1;           // c2 after round 1 = hi(c0 A) ^ x2_r1
-  __m512i x0_r2;           // c0 after round 2 = hi(c2 B) ^ x0_r2 (c1 after round 1 is constant)
-  __m512i x2_r2;           // c2 after round 2 = c3 ^ x2_r2 (c0 after round 1 is constant)
-  __m512i x2_r3;           // c2 after round 3 = hi(c0 A) ^ x2_r3 (c3 after round 2 is constant)
+// The per-call constants of philox_block / philox_block8, for one (key, counter words 1 to 3):
+// computed once in scalar code, broadcast by each vector path.
+struct PhiloxScalars {
+  uint32_t k0[10], k1[10];  // round keys
+  uint32_t x2_r1;           // c2 after round 1 = hi(c0 A) ^ x2_r1
+  uint32_t x0_r2;           // c0 after round 2 = hi(c2 B) ^ x0_r2 (c0 and c1 after round 1 are constant)
+  uint32_t x2_r2;           // c2 after round 2 = c3 ^ x2_r2 (c0 after round 1 is constant)
+  uint32_t x2_r3;           // c2 after round 3 = hi(c0 A) ^ x2_r3 (c3 after round 2 is constant)
+};
+
+DDIM_INLINE PhiloxScalars philox_scalars(uint32_t n, uint32_t w3, const NoiseKey& key) {
+  PhiloxScalars ps;
+  ps.k0[0] = key.k0;
+  ps.k1[0] = key.k1;
+  for (int r = 1; r < 10; ++r) {
+    ps.k0[r] = ps.k0[r - 1] + kPhiloxKeyA;
+    ps.k1[r] = ps.k1[r - 1] + kPhiloxKeyB;
+  }
+  const uint64_t pb1 = static_cast<uint64_t>(key.step) * kPhiloxRoundB;
+  const uint32_t c0_r1 = static_cast<uint32_t>(pb1 >> 32) ^ n ^ ps.k0[0], c1_r1 = static_cast<uint32_t>(pb1);
+  const uint64_t pa2 = static_cast<uint64_t>(c0_r1) * kPhiloxRoundA;
+  ps.x2_r1 = w3 ^ ps.k1[0];
+  ps.x0_r2 = c1_r1 ^ ps.k0[1];
+  ps.x2_r2 = static_cast<uint32_t>(pa2 >> 32) ^ ps.k1[1];
+  ps.x2_r3 = static_cast<uint32_t>(pa2) ^ ps.k1[2];
+  return ps;
+}
+
+struct PhiloxConsts {  // PhiloxScalars in 64-bit lanes holding 32-bit words
+  __m512i k0[10], k1[10];
+  __m512i x2_r1, x0_r2, x2_r2, x2_r3;
 };
 
 DDIM_AVX512 static inline void philox_consts(uint32_t n, uint32_t w3, const NoiseKey& key, PhiloxConsts& pc) {
-  uint32_t k0[10], k1[10];
-  k0[0] = key.k0;
-  k1[0] = key.k1;
-  for (int r = 1; r < 10; ++r) {
-    k0[r] = k0[r - 1] + kPhiloxKeyA;
-    k1[r] = k1[r - 1] + kPhiloxKeyB;
-  }
+  const PhiloxScalars ps = philox_scalars(n, w3, key);
   for (int r = 0; r < 10; ++r) {
-    pc.k0[r] = _mm512_set1_epi64(k0[r]);
-    pc.k1[r] = _mm512_set1_epi64(k1[r]);
+    pc.k0[r] = _mm512_set1_epi64(ps.k0[r]);
+    pc.k1[r] = _mm512_set1_epi64(ps.k1[r]);
   }
-  const uint64_t pb1 = static_cast<uint64_t>(key.step) * kPhiloxRoundB;
-  const uint32_t c0_r1 = static_cast<uint32_t>(pb1 >> 32) ^ n ^ k0[0], c1_r1 = static_cast<uint32_t>(pb1);
-  const uint64_t pa2 = static_cast<uint64_t>(c0_r1) * kPhiloxRoundA;
-  pc.c0_r1 = _mm512_set1_epi64(c0_r1);
-  pc.x2_r1 = _mm512_set1_epi64(w3 ^ k1[0]);
-  pc.x0_r2 = _mm512_set1_epi64(c1_r1 ^ k0[1]);
-  pc.x2_r2 = _mm512_set1_epi64(static_cast<uint32_t>(pa2 >> 32) ^ k1[1]);
-  pc.x2_r3 = _mm512_set1_epi64(static_cast<uint32_t>(pa2) ^ k1[2]);
+  pc.x2_r1 = _mm512_set1_epi64(ps.x2_r1);
+  pc.x0_r2 = _mm512_set1_epi64(ps.x0_r2);
+  pc.x2_r2 = _mm512_set1_epi64(ps.x2_r2);
+  pc.x2_r3 = _mm512_set1_epi64(ps.x2_r3);
 }
 
 DDIM_AVX512 static inline void philox_block(uint32_t g, const PhiloxConsts& pc, uint32_t* w) {
@@ -386,25 +400,21 @@ DDIM_AVX512 __attribute__((noinline)) void normals_avx512(uint32_t g0, int64_t G
 // median of paired rounds). 4 Philox chains: 2 took 0.73-0.81 ns a normal against 0.64-0.70.
 #define DDIM_AVX2 __attribute__((target("avx2,fma")))
 
-struct PhiloxConsts8 {  // PhiloxConsts for 4 groups in 64-bit lanes
+struct PhiloxConsts8 {  // PhiloxScalars for 4 groups in 64-bit lanes
   __m256i k0[10], k1[10];
   __m256i x2_r1, x0_r2, x2_r2, x2_r3;
 };
 
 DDIM_AVX2 static inline void philox_consts8(uint32_t n, uint32_t w3, const NoiseKey& key, PhiloxConsts8& pc) {
-  uint32_t k0 = key.k0, k1 = key.k1;
-  for (int r = 0; r < 10; ++r, k0 += kPhiloxKeyA, k1 += kPhiloxKeyB) {
-    pc.k0[r] = _mm256_set1_epi64x(k0);
-    pc.k1[r] = _mm256_set1_epi64x(k1);
+  const PhiloxScalars ps = philox_scalars(n, w3, key);
+  for (int r = 0; r < 10; ++r) {
+    pc.k0[r] = _mm256_set1_epi64x(ps.k0[r]);
+    pc.k1[r] = _mm256_set1_epi64x(ps.k1[r]);
   }
-  const uint32_t key0 = key.k0, key1 = key.k1;
-  const uint64_t pb1 = static_cast<uint64_t>(key.step) * kPhiloxRoundB;
-  const uint32_t c0_r1 = static_cast<uint32_t>(pb1 >> 32) ^ n ^ key0, c1_r1 = static_cast<uint32_t>(pb1);
-  const uint64_t pa2 = static_cast<uint64_t>(c0_r1) * kPhiloxRoundA;
-  pc.x2_r1 = _mm256_set1_epi64x(w3 ^ key1);
-  pc.x0_r2 = _mm256_set1_epi64x(c1_r1 ^ (key0 + kPhiloxKeyA));
-  pc.x2_r2 = _mm256_set1_epi64x(static_cast<uint32_t>(pa2 >> 32) ^ (key1 + kPhiloxKeyB));
-  pc.x2_r3 = _mm256_set1_epi64x(static_cast<uint32_t>(pa2) ^ (key1 + 2 * kPhiloxKeyB));
+  pc.x2_r1 = _mm256_set1_epi64x(ps.x2_r1);
+  pc.x0_r2 = _mm256_set1_epi64x(ps.x0_r2);
+  pc.x2_r2 = _mm256_set1_epi64x(ps.x2_r2);
+  pc.x2_r3 = _mm256_set1_epi64x(ps.x2_r3);
 }
 
 // The low 32-bit halves of the 64-bit lanes of lo and hi, per 128-bit lane: (lo0, lo1, hi0, hi1 | lo2, lo3, hi2, hi3).
