@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--loss", default="rms", choices=("rms", "log"),
                    help="what is minimised against the reference: the batch's RMS error (default), or 'log', the geometric "
                    "mean of the samples' RMS errors, for data whose fine structure the RMS error misses (tune_timesteps)")
+    u.add_argument("--shift-last", action="store_true",
+                   help="also search the timestep the model is told at the last call (LD3's decoupled timestep; ~3-4x the "
+                   "model calls); the file then records it and `sample --skip FILE.json` uses it")
     u.add_argument("--out", required=True, help="the .json file to write")
     u.add_argument("--force", action="store_true", help="replace an existing --out")
 
@@ -329,12 +332,15 @@ def _cmd_train(args) -> int:
 
 
 def _timesteps(args, model, schedule):
-    """``--skip``: a name or timesteps as given, or the timesteps of a ``ddim-fast tune`` file."""
+    """``--skip``: (a name or timesteps as given, {}), or the timesteps of a ``ddim-fast tune`` file
+    and, when it has them, the model's timesteps as a ``FusedSampler`` option."""
     if isinstance(args.skip, str) and args.skip.lower().endswith(".json"):
         from ddim_fast.tune import load_tuned
 
-        return [int(t) for t in load_tuned(args.skip, model=model, schedule=schedule, solver=args.solver)]
-    return args.skip
+        tau, model_tau = load_tuned(args.skip, model=model, schedule=schedule, solver=args.solver, with_model_timesteps=True)
+        options = {} if (model_tau == tau).all() else {"model_timesteps": [int(t) for t in model_tau]}
+        return [int(t) for t in tau], options
+    return args.skip, {}
 
 
 def _cmd_sample(args) -> int:
@@ -355,11 +361,11 @@ def _cmd_sample(args) -> int:
     cfg = model.config
     shape = (args.n, cfg["in_channels"], cfg["resolution"], cfg["resolution"])
     _check_grid(min(args.n, GRID_FROM_NPZ) if args.npz else args.n, shape[2], shape[3], args.nrow, args.scale)
-    skip = _timesteps(args, model, schedule)
+    skip, tuned = _timesteps(args, model, schedule)
     if args.npz:
-        return _sample_sharded(args, model, schedule, skip, device, rank, world)
+        return _sample_sharded(args, model, schedule, skip, tuned, device, rank, world)
     sampler = FusedSampler(model, schedule=schedule, steps=args.steps, eta=args.eta, skip=skip, solver=args.solver,
-                           backend=args.backend, precision=args.precision, **_sampler_options(args))
+                           backend=args.backend, precision=args.precision, **_sampler_options(args), **tuned)
     t0 = time.perf_counter()
     with torch.no_grad():
         x = sampler.sample(shape=shape, seed=args.seed)
@@ -371,7 +377,7 @@ def _cmd_sample(args) -> int:
     return 0
 
 
-def _sample_sharded(args, model, schedule, skip, device, rank, world) -> int:
+def _sample_sharded(args, model, schedule, skip, tuned, device, rank, world) -> int:
     """``sample --npz``: sharded over torchrun ranks and batches, resumable; a grid of the first images."""
     import numpy as np
     import torch
@@ -384,7 +390,7 @@ def _sample_sharded(args, model, schedule, skip, device, rank, world) -> int:
         res = sample_npz(model, schedule, args.n, args.npz, steps=args.steps, eta=args.eta, skip=skip, solver=args.solver,
                          seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size, device=device,
                          backend=args.backend, precision=args.precision, fingerprint=model_fingerprint(model),
-                         keep_shards=args.keep_shards, force=args.force, sampler_options=_sampler_options(args))
+                         keep_shards=args.keep_shards, force=args.force, sampler_options={**_sampler_options(args), **tuned})
     if rank == 0:
         k = min(args.n, GRID_FROM_NPZ)
         with np.load(args.npz, allow_pickle=False) as f:
@@ -410,12 +416,18 @@ def _cmd_tune(args) -> int:
     t0 = time.perf_counter()
     info = {}  # tune_timesteps fills in how the tuning went (method, errors before/after, ...)
     timesteps = tune_timesteps(model, args.steps, (args.batch, cfg["in_channels"], cfg["resolution"], cfg["resolution"]),
-                               schedule=schedule, solver=args.solver, seed=args.seed, loss=args.loss, info=info)
+                               schedule=schedule, solver=args.solver, seed=args.seed, loss=args.loss, shift_last=args.shift_last,
+                               info=info)  # fmt: skip
     info = {"seed": args.seed, "batch": args.batch, "seconds": round(time.perf_counter() - t0, 1), **info,
             "ckpt": "embedded" if args.ckpt is None else args.ckpt, "weights": args.weights}
+    model_tau = info.get("model_timesteps")
     with _writing(args.out, "--out"):
-        save_tuned(args.out, timesteps, model=model, schedule=schedule, solver=args.solver, steps=args.steps, info=info)
-    print(f"tuned {len(timesteps)} timesteps for {args.solver}: {','.join(str(int(t)) for t in timesteps)}; wrote {args.out} "
+        save_tuned(args.out, timesteps, model=model, schedule=schedule, solver=args.solver, steps=args.steps, info=info,
+                   model_timesteps=model_tau)
+    told = ""
+    if model_tau is not None and [int(t) for t in model_tau] != [int(t) for t in timesteps]:
+        told = f" (the model told {','.join(str(int(t)) for t in model_tau)})"
+    print(f"tuned {len(timesteps)} timesteps for {args.solver}: {','.join(str(int(t)) for t in timesteps)}{told}; wrote {args.out} "
           f"({info['seconds']:.1f} s; sample with --solver {args.solver} --steps {args.steps} --skip {args.out})")
     return 0
 

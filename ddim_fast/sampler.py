@@ -34,6 +34,11 @@ class FusedSampler:
 
     ``FusedSampler(model, schedule=NoiseSchedule.linear(1000), steps=50, eta=0.0)`` then
     ``sampler.sample(shape=(64, 3, 32, 32), seed=0)``. See DESIGN.md for every option.
+
+    ``model_timesteps``: the timestep the model is told at each step, paired with the increasing
+    skip timesteps (None: those themselves); the solver's coefficients stay those of ``skip``.
+    ``tune_timesteps(shift_last=True)`` finds one for the last call (LD3's decoupled timestep,
+    Tong et al. 2025); ``encode`` keeps the skip timesteps.
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class FusedSampler:
         guidance_scale: Optional[float] = None,
         uncond_kwargs: Optional[Dict[str, Any]] = None,
         compile: Union[bool, str] = False,
+        model_timesteps: Optional[Sequence[int]] = None,
     ):
         if not callable(model):
             raise TypeError(f"model: expected a callable model(x, t, **model_kwargs), got {type(model).__name__}")
@@ -94,6 +100,7 @@ class FusedSampler:
         self.skip = skip
         self._tau = np.ascontiguousarray(solvers.timesteps(schedule, steps, skip), dtype=np.int64)
         self.steps = steps
+        self._model_tau = _check_model_timesteps(model_timesteps, self._tau, schedule.T)
         # sample and decode run the solver (decode with eta = 0); encode is DDIM inversion whatever the solver.
         self._tables = {
             "sample": solvers.build(solver, schedule, self._tau, eta),
@@ -144,6 +151,12 @@ class FusedSampler:
     def timesteps(self) -> torch.Tensor:
         """tau as an int64 tensor, descending: the model timestep of each step, first step first."""
         return torch.from_numpy(self._tau[::-1].copy())
+
+    @property
+    def model_timesteps(self) -> torch.Tensor:
+        """The timestep the model is told at each step of ``sample``/``decode``, descending like
+        ``timesteps`` (the same unless ``model_timesteps`` was given)."""
+        return torch.from_numpy(self._model_tau[::-1].copy())
 
     @property
     def num_steps(self) -> int:
@@ -273,7 +286,7 @@ class FusedSampler:
         return trajectory.result(plan, bufs, copy=static)
 
     def _plan(self, kind, table: solvers.SolverTable, shape, device, seed, batch_offset, noise, kwargs, backend):
-        t_host = self._tau.copy() if kind == "encode" else self._tau[::-1].copy()
+        t_host = self._tau.copy() if kind == "encode" else self._model_tau[::-1].copy()
         guided = self.guidance_scale is not None
         B_model = 2 * shape[0] if guided else shape[0]
         autocast_dtype = self._autocast_dtype(device)
@@ -293,7 +306,7 @@ class FusedSampler:
             model_kwargs=_prepare_kwargs(kwargs, self.guidance_scale, shape[0], device),
             autocast_dtype=autocast_dtype,
             backend=backend,
-            table_key=(kind, self.solver, str(self.eta), self._tau.tobytes()),
+            table_key=(kind, self.solver, str(self.eta), self._tau.tobytes(), self._model_tau.tobytes()),
             model_key=(id(self.model), self.guidance_scale, self.compile),
         )
 
@@ -421,6 +434,22 @@ def _check_conversion(kind: str, table: solvers.SolverTable, prediction: str, ta
             f"schedule: alphas_cumprod = {a:.3g} at timestep {int(t[k]) if kind != 'encode' or k == 0 else int(t[k - 1])} "
             f"leaves the {prediction} model's conversion undefined in float32; use betas inside (0, 1) with margin"
         )
+
+
+def _check_model_timesteps(model_timesteps, tau: np.ndarray, T: int) -> np.ndarray:
+    """``model_timesteps`` as int64 paired with the increasing tau (None: tau itself)."""
+    if model_timesteps is None:
+        return tau
+    what = f"a sequence of {len(tau)} integer timesteps in [0, {T}), one per step, paired with the increasing skip timesteps"
+    if isinstance(model_timesteps, (str, bytes)):
+        raise ValueError(f"model_timesteps: expected {what}, got {model_timesteps!r}")
+    try:
+        arr = np.asarray(torch.as_tensor(model_timesteps).cpu()) if torch.is_tensor(model_timesteps) else np.asarray(model_timesteps)
+    except Exception:  # noqa: BLE001 - anything that is not an array of numbers
+        raise ValueError(f"model_timesteps: expected {what}, got {model_timesteps!r}") from None
+    if arr.ndim != 1 or len(arr) != len(tau) or arr.dtype.kind not in "iu" or (arr < 0).any() or (arr >= T).any():
+        raise ValueError(f"model_timesteps: expected {what}, got {np.asarray(arr).tolist()!r}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
 
 
 def _check_kwargs(kwargs, name: str) -> Dict[str, Any]:

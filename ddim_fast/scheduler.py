@@ -140,7 +140,12 @@ def _resolve_skip(skip, schedule: NoiseSchedule, solver: str):
     if isinstance(skip, (str, os.PathLike)) and (str(skip).endswith(".json") or os.path.isfile(skip)):
         from ddim_fast import tune
 
-        skip = tune.load_tuned(os.fspath(skip), schedule=schedule, solver=solver)
+        path = os.fspath(skip)
+        skip, model_tau = tune.load_tuned(path, schedule=schedule, solver=solver, with_model_timesteps=True)
+        if not np.array_equal(skip, model_tau):
+            raise ValueError(f"skip: {path!r} tells the model other timesteps than the solver's (tuned with --shift-last), and "
+                             "FusedScheduler runs the pipeline's UNet at the solver's own timesteps; tune without --shift-last "
+                             "for a pipeline, or sample with FusedSampler(skip=..., model_timesteps=...)")
     if isinstance(skip, str):
         names = (*SKIP_TYPES, *solvers.SCHEDULE_SKIPS)
         if skip not in names:

@@ -205,6 +205,9 @@ def sample_npz(
         "shard_size": int(shard_size), "precision": precision,
         "T": int(schedule.T), "alphas_cumprod_sha256": hashlib.sha256(schedule.alphas_cumprod.numpy().tobytes()).hexdigest()[:16],
     }
+    model_tau = (sampler_options or {}).get("model_timesteps")
+    if model_tau is not None:  # other images: a run with them never resumes one without
+        settings["model_timesteps"] = [int(t) for t in model_tau]
     meta_final = {**settings, "n": int(n), "layout": "uint8 (N, H, W, C)", "index": f"{NPZ_KEY}[i] is sample i of (seed, i)"}
     out = os.fspath(out)
     t0 = time.perf_counter()

@@ -280,8 +280,9 @@ def allocate(plan: Plan, x_start: torch.Tensor, record: bool) -> Buffers:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(plan: Plan, bufs: Buffers, progress: bool = False, capturing: bool = False) -> None:
-    """S model calls and S fused steps on preallocated buffers, no host sync (eager or captured).
+def run(plan: Plan, bufs: Buffers, progress: bool = False, capturing: bool = False, stop: Optional[int] = None) -> None:
+    """S model calls and S fused steps on preallocated buffers, no host sync (eager or captured);
+    with ``stop``, only the first ``stop`` (the buffers then hold the state step ``stop`` starts from).
 
     Autocast is entered once for the whole loop so that weight casts are cached across steps;
     the cache is off while capturing (cached casts would be freed after capture).
@@ -289,7 +290,7 @@ def run(plan: Plan, bufs: Buffers, progress: bool = False, capturing: bool = Fal
     autocast = contextlib.nullcontext()
     if plan.autocast_dtype is not None:
         autocast = torch.autocast(bufs.xs.device.type, dtype=plan.autocast_dtype, cache_enabled=not capturing)
-    steps = range(plan.steps)
+    steps = range(plan.steps if stop is None else stop)
     if progress and not capturing:
         from tqdm.auto import tqdm
 

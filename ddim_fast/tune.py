@@ -18,6 +18,17 @@ Sampling", ICML 2024), followed by a direct local search on the solver's own err
    falls (a direct search in the spirit of LD3, Tong et al. 2024, without gradients: S model
    calls per trial).
 
+4. With ``shift_last=True`` the last call's model timestep t' is searched with every candidate
+   sequence, the solver's coefficients kept at tau (the decoupled timestep that LD3 learns for
+   every step, Tong et al., ICLR 2025; here only the last, by a grid over sigmabar(t') /
+   sigmabar(t) in [e^-3, e^0.5]): the trajectory up to the last call is run once, then each t'
+   costs one call. It is what brings the sharp mixture to within 2x of DDIM at S = 20 at S = 5
+   (docs/results/quality.md), where no choice of timesteps alone can (the last x0-prediction from a
+   timestep that still resolves the modes' shares collapses each narrow mode), and where iPNDM's
+   full-order last step overshoots without it (sharp mixture, S = 5: 0.68-0.81x DDIM S = 20's
+   score over ten tuning seeds, against 93-161x). Sampling then needs
+   ``FusedSampler(model_timesteps=info["model_timesteps"])`` (``save_tuned`` stores them).
+
 The distance (``loss``) is the RMS error over the batch ("rms", GITS' and LD3's L2), or the
 geometric mean of the samples' own RMS errors ("log"). The RMS error is dominated by the few
 samples whose trajectory ends in another mode, so it cannot see the data's fine structure: on
@@ -49,9 +60,12 @@ import torch
 from ddim_fast import layout, ops, reference, solvers, trajectory
 from ddim_fast.schedule import NoiseSchedule
 
-__all__ = ["tune_timesteps", "save_tuned", "load_tuned", "schedule_digest", "FORMAT"]
+__all__ = ["tune_timesteps", "save_tuned", "load_tuned", "schedule_digest", "FORMAT", "FORMATS"]
 
 FORMAT = "ddim_fast.tuned_timesteps/1"
+# A file whose model is told other timesteps than tau (shift_last): readers of /1 would drop them.
+FORMAT_MODEL_TIMESTEPS = "ddim_fast.tuned_timesteps/2"
+FORMATS = (FORMAT, FORMAT_MODEL_TIMESTEPS)
 START_SPACINGS = ("logsnr", "karras", "quad")
 # Grid points a timestep moves per trial, coarse to fine. The "log" loss's basins lie far apart on
 # the grid (sharp mixture, S = 5: smallest timestep ~70 under "rms", 2-15 under "log"); started
@@ -93,18 +107,47 @@ class _Runner:
     def run(self, st: solvers.SolverTable, tau, *, record: bool = False):
         """x_0 of the solver along tau; with record, the ``trajectory.Trajectory`` (every state
         and x0-prediction, noisiest first)."""
+        plan = self._plan(st, tau)
+        bufs = trajectory.allocate(plan, self.x_T, record)
+        trajectory.run(plan, bufs)
+        trajectory.check_finite(plan, bufs, self.x_T)
+        return trajectory.result(plan, bufs, copy=False)
+
+    def last_calls(self, st: solvers.SolverTable, tau):
+        """The solver along tau up to its last call, then ``finish(t)``: x_0 with the last call told
+        timestep t (one model call; the last row run by the same op on copies of the ring and the
+        saved state, so any number of t share the first S - 1 calls)."""
+        plan = self._plan(st, tau)
+        S = plan.steps
+        bufs = trajectory.allocate(plan, self.x_T, False)
+        trajectory.run(plan, bufs, stop=S - 1)
+        trajectory.check_finite(plan, bufs, self.x_T)
+        step = ops.step_impl(plan.backend)
+        x = bufs.xs[0]
+
+        def finish(t: int) -> torch.Tensor:
+            hist = None if bufs.history is None else bufs.history.clone()
+            saved = None if bufs.saved is None else bufs.saved.clone()
+            out, flags = torch.empty_like(x), torch.zeros_like(bufs.flags)
+            with torch.inference_mode():
+                m = self.model(x, torch.full((x.shape[0],), int(t), dtype=torch.int64, device=self.device), S - 1, self.kwargs)
+                step(x, m, plan.table, S - 1, plan.seed, plan.prediction, plan.clip, plan.history_kind, hist, saved, None, out,
+                     None, flags)  # fmt: skip
+            if bool(flags.any()):
+                return None  # the model or the state is not finite with this t: not a candidate
+            return out
+
+        return finish
+
+    def _plan(self, st: solvers.SolverTable, tau) -> trajectory.Plan:
         t_host = np.asarray(tau, dtype=np.int64)[::-1].copy()
-        plan = trajectory.Plan(
+        return trajectory.Plan(
             kind="tune", table=st.table.to(torch.float32).to(self.device).contiguous(), history_kind=st.history_kind,
             history_slots=st.history_slots, uses_saved=st.uses_saved,
             timesteps=torch.as_tensor(t_host, device=self.device)[:, None].expand(-1, self.shape[0]).contiguous(),
             t_host=t_host, prediction=self.prediction, clip=0.0, seed=self.seed, noise=None, model=self.model,
             model_kwargs=self.kwargs, autocast_dtype=None, backend=self.backend, table_key=(), model_key=(),
         )  # fmt: skip
-        bufs = trajectory.allocate(plan, self.x_T, record)
-        trajectory.run(plan, bufs)
-        trajectory.check_finite(plan, bufs, self.x_T)
-        return trajectory.result(plan, bufs, copy=False)
 
 
 def _check_int(name, value, lo, hi=None):
@@ -133,6 +176,18 @@ def _log_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # loss name -> (x, reference) -> float: what the dynamic program and the search minimise.
 LOSSES = {"rms": _rms, "log": _log_rms}
+
+# shift_last=True: the last call's model timestep t' is searched over sigmabar(t') = sigmabar(t) e^u,
+# u on a coarse grid, then on a fine one around the coarse best (t' rounded; u = 0 is t itself).
+_SHIFT_COARSE = np.arange(-3.0, 0.5001, 0.25)
+_SHIFT_FINE = np.arange(-0.25, 0.2501, 0.05)
+
+
+def _shifted_timestep(log_sigmabar: np.ndarray, t: int, u: float) -> int:
+    """The timestep whose sigmabar is nearest e^u sigmabar(t) (in log), clamped to [0, T)."""
+    target = log_sigmabar[t] + u
+    return int(np.clip(np.rint(np.interp(target, log_sigmabar, np.arange(len(log_sigmabar), dtype=np.float64))), 0,
+                       len(log_sigmabar) - 1))  # fmt: skip
 
 
 def _dp_path(cost: np.ndarray, S: int) -> list:
@@ -170,6 +225,7 @@ def tune_timesteps(
     prediction: str = "epsilon",
     backend: str = "auto",
     loss: str = "rms",
+    shift_last: bool = False,
     info: Optional[Dict[str, Any]] = None,
 ) -> torch.Tensor:
     """Timesteps for ``FusedSampler(model, schedule, steps=steps, solver=solver, skip=<these>)``,
@@ -182,8 +238,11 @@ def tune_timesteps(
     search (each trial costs ``steps`` model calls), ``prediction`` of the model, ``backend`` of
     the op, ``loss``: what is minimised against the teacher, "rms" (the RMS error over the batch)
     or "log" (the geometric mean of the samples' RMS errors, ``_log_rms``: for data with fine
-    structure, docs/results/quality.md). ``info``, when a dict, receives how the tuning went
-    (errors before/after, seconds, model calls) for ``save_tuned``.
+    structure, docs/results/quality.md). ``shift_last``: search the last call's model timestep
+    too (module docstring, step 4; ~3-4x the model calls); the result, paired with the returned
+    timesteps, is ``info["model_timesteps"]``, for ``FusedSampler(model_timesteps=...)``.
+    ``info``, when a dict, receives how the tuning went (errors before/after, seconds, model
+    calls, the model's timesteps) for ``save_tuned``.
     """
     t_start = time.perf_counter()
     schedule = NoiseSchedule.linear(1000) if schedule is None else schedule
@@ -219,6 +278,8 @@ def tune_timesteps(
         raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
     seed = int(seed)
 
+    if not isinstance(shift_last, bool):
+        raise ValueError(f"shift_last: expected True or False, got {shift_last!r}")
     runner = _Runner(model, schedule, shape, seed, model_kwargs, prediction, backend)
     try:
         runner.probe()
@@ -229,7 +290,8 @@ def tune_timesteps(
     cand = np.union1d(solvers.logsnr_timesteps(schedule, min(G, T)), solvers.karras_timesteps(schedule, min(G, T)))
     fine = np.union1d(cand, solvers.logsnr_timesteps(schedule, max(min(teacher_steps, T), 1)))
     n_trials = max_trials if refine else 0
-    total = len(fine) + len(START_SPACINGS) * S + n_trials * S
+    per_trial = S - 1 + len(_SHIFT_COARSE) + len(_SHIFT_FINE) if shift_last else S  # model calls, at most
+    total = len(fine) + (1 + len(START_SPACINGS) + n_trials) * per_trial
     bar = _progress(total, progress, f"tune {solver} S={S}")
     try:
         runner.on_call = lambda: bar.update(1)
@@ -237,6 +299,7 @@ def tune_timesteps(
         x0_star = teacher.x0
         at = {int(t): i for i, t in enumerate(fine[::-1].tolist())}  # timestep -> teacher step
         a = schedule.alphas_cumprod
+        log_sbar = (0.5 * (torch.log1p(-a) - torch.log(a))).numpy()  # log sigmabar, increasing in t
         nodes = cand[::-1]  # noisiest first; node G_c = the end (alpha = 1)
         Gc = len(nodes)
         X = [teacher.xs[at[int(t)]].double() for t in nodes] + [x0_star.double()]
@@ -250,18 +313,36 @@ def tune_timesteps(
                 cost[i, j] = _loss(sa[j] * X0[i] + s1m[j] * eps_i, X[j])
         dp = sorted(int(nodes[i]) for i in _dp_path(cost, S))
 
-        def error(tau) -> float:
+        def error(tau):
+            """(the loss of the solver along tau against x0*, the last call's model timestep)."""
             st = solvers.build(solver, schedule, tau)
-            return _loss(runner.run(st, tau), x0_star)
+            t_last = int(tau[0])
+            if not shift_last:
+                return _loss(runner.run(st, tau), x0_star), t_last
+            finish, tried = runner.last_calls(st, tau), {}
+
+            def at(u):
+                t = _shifted_timestep(log_sbar, t_last, float(u))
+                if t not in tried:
+                    out = finish(t)
+                    tried[t] = math.inf if out is None else _loss(out, x0_star)
+                return tried[t]
+
+            coarse = min(_SHIFT_COARSE, key=lambda u: (at(u), abs(u)))
+            for u in coarse + _SHIFT_FINE:
+                at(u)
+            t_best = min(tried, key=lambda t: (tried[t], abs(t - t_last)))  # ties: the smaller shift
+            if not math.isfinite(tried[t_last]):
+                runner.run(st, tau)  # not finite at the solver's own timestep: the loop's own error, naming it
+            return tried[t_best], t_best
 
         starts = {"gits_dp": np.asarray(dp, dtype=np.int64)}
         for name in START_SPACINGS:
             starts[name] = solvers.timesteps(schedule, S, name)
-        errors = {"gits_dp": error(starts["gits_dp"])}
-        for name in START_SPACINGS:
-            errors[name] = error(starts[name])
+        fits = {name: error(tau) for name, tau in starts.items()}
+        errors = {name: fit[0] for name, fit in fits.items()}
         start_name = min(errors, key=lambda k: (errors[k], k != "gits_dp"))
-        best, best_err = starts[start_name].copy(), errors[start_name]
+        best, (best_err, best_t) = starts[start_name].copy(), fits[start_name]
         trials = 0
         if refine and S >= 2:
             pos = {int(t): i for i, t in enumerate(cand.tolist())}
@@ -286,15 +367,19 @@ def tune_timesteps(
                             trial = best.copy()
                             trial[i] = t_new
                             trials += 1
-                            e = error(trial)
+                            e, t_model = error(trial)
                             if e < best_err:
-                                best, best_err, improved = trial, e, True
+                                best, best_err, best_t, improved = trial, e, t_model, True
         bar.update(total - bar.n)
     finally:
         bar.close()
+    model_t = best.copy()
+    model_t[0] = best_t
     if info is not None:
         info.update(
-            method="GITS dynamic program (Chen et al. 2024) + coordinate descent on the solver's RMS error to the teacher",
+            method="GITS dynamic program (Chen et al. 2024) + coordinate descent on the solver's error to the teacher"
+            + ("; the last call's model timestep searched with each candidate (LD3's decoupled timestep)" if shift_last else ""),
+            model_timesteps=[int(t) for t in model_t],
             seed=int(seed), batch=list(shape), loss=loss, teacher="dpmpp_3m", teacher_steps=int(len(fine)), grid=int(len(cand)),
             start=start_name, start_errors={k: float(v) for k, v in errors.items()}, error_before=float(errors[start_name]),
             error_after=float(best_err), trials=int(trials), model_calls=int(runner.calls),
@@ -336,8 +421,11 @@ def _schedule_record(schedule: NoiseSchedule) -> Dict[str, Any]:
     return {"name": getattr(schedule, "name", "custom"), "T": int(schedule.T), "alphas_cumprod_sha256": schedule_digest(schedule)}
 
 
-def save_tuned(path, timesteps, *, model, schedule: NoiseSchedule, solver: str, steps: int, info: Dict[str, Any]) -> None:
-    """Write tuned timesteps and what they were tuned for to ``path`` (JSON, atomically)."""
+def save_tuned(path, timesteps, *, model, schedule: NoiseSchedule, solver: str, steps: int, info: Dict[str, Any],
+               model_timesteps=None) -> None:
+    """Write tuned timesteps and what they were tuned for to ``path`` (JSON, atomically); with
+    ``model_timesteps`` (``info["model_timesteps"]`` of ``shift_last=True``) other than the
+    timesteps, those too, in format /2."""
     from ddim_fast.data import atomic_write_bytes
     from ddim_fast.nn import model_fingerprint
 
@@ -346,8 +434,15 @@ def save_tuned(path, timesteps, *, model, schedule: NoiseSchedule, solver: str, 
         raise ValueError(f"timesteps: expected {steps} increasing timesteps in [0, {schedule.T}), got {tau.tolist()}")
     if solver not in solvers.BUILDERS:
         raise ValueError(f"solver: expected one of {solvers.SOLVERS}, got {solver!r}")
+    model_tau = None
+    if model_timesteps is not None:
+        model_tau = np.asarray(torch.as_tensor(model_timesteps).cpu(), dtype=np.int64)
+        if model_tau.shape != tau.shape or (model_tau < 0).any() or (model_tau >= schedule.T).any():
+            raise ValueError(f"model_timesteps: expected {steps} timesteps in [0, {schedule.T}), got {model_tau.tolist()}")
+        if np.array_equal(model_tau, tau):
+            model_tau = None
     record = {
-        "format": FORMAT,
+        "format": FORMAT if model_tau is None else FORMAT_MODEL_TIMESTEPS,
         "model": model_fingerprint(model),
         "schedule": _schedule_record(schedule),
         "solver": solver,
@@ -355,12 +450,18 @@ def save_tuned(path, timesteps, *, model, schedule: NoiseSchedule, solver: str, 
         "timesteps": tau.tolist(),
         "info": dict(info),
     }
+    if model_tau is not None:
+        record["model_timesteps"] = model_tau.tolist()
     atomic_write_bytes(os.fspath(path), (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
 
 
-def load_tuned(path, *, model=None, schedule: Optional[NoiseSchedule] = None, solver: Optional[str] = None) -> np.ndarray:
+def load_tuned(path, *, model=None, schedule: Optional[NoiseSchedule] = None, solver: Optional[str] = None,
+               with_model_timesteps: bool = False):
     """The increasing int64 timesteps of a ``save_tuned`` file, refused (ValueError naming the path
-    and what differs) when it was tuned for another model, schedule or solver than those given."""
+    and what differs) when it was tuned for another model, schedule or solver than those given;
+    ``with_model_timesteps=True``: (timesteps, the model's timesteps paired with them); without
+    it, a file whose model is told other timesteps (``shift_last``) is refused rather than run
+    without them."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -369,13 +470,17 @@ def load_tuned(path, *, model=None, schedule: Optional[NoiseSchedule] = None, so
         raise ValueError(f"{path}: no such tuned-timesteps file (write one with 'ddim-fast tune --out {path}')") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable tuned-timesteps JSON file ({type(e).__name__}: {e})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a tuned-timesteps file (expected format {FORMAT!r})")
+    if not isinstance(record, dict) or record.get("format") not in FORMATS:
+        raise ValueError(f"{path}: not a tuned-timesteps file (expected format {FORMAT!r} or {FORMAT_MODEL_TIMESTEPS!r})")
     try:
         tau = np.asarray(record["timesteps"], dtype=np.int64)
         T = int(record["schedule"]["T"])
         ok = tau.ndim == 1 and len(tau) == int(record["steps"]) and len(tau) >= 1
         ok = ok and bool((np.diff(tau) > 0).all()) and tau[0] >= 0 and tau[-1] < T
+        model_tau = tau
+        if record["format"] == FORMAT_MODEL_TIMESTEPS:
+            model_tau = np.asarray(record["model_timesteps"], dtype=np.int64)
+            ok = ok and model_tau.shape == tau.shape and bool((model_tau >= 0).all() and (model_tau < T).all())
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok:
@@ -397,4 +502,9 @@ def load_tuned(path, *, model=None, schedule: Optional[NoiseSchedule] = None, so
         differs.append(f"solver {record.get('solver')!r} in the file, {solver!r} given")
     if differs:
         raise ValueError(f"{path}: tuned for another setup: " + "; ".join(differs) + " (re-run 'ddim-fast tune')")
+    if with_model_timesteps:
+        return tau, model_tau
+    if not np.array_equal(tau, model_tau):
+        raise ValueError(f"{path}: the model is told other timesteps than these (tuned with shift_last); read them with "
+                         "load_tuned(..., with_model_timesteps=True) and pass FusedSampler(skip=..., model_timesteps=...)")
     return tau

@@ -352,6 +352,50 @@ def test_tune_then_sample_with_the_tuned_timesteps(run_dir, tmp_path, capsys, mo
     assert "--out must name a .json file" in _error(capsys, "tune")
 
 
+def test_tune_shift_last_then_sample_tells_the_model_the_tuned_timesteps(run_dir, tmp_path, capsys, monkeypatch):
+    """`tune --shift-last` passes shift_last, writes the model's timesteps (format /2) and prints
+    them; `sample --skip FILE.json` (grid and --npz) tells the model exactly those."""
+    from ddim_fast import FusedSampler, tune
+    from ddim_fast.data import to_uint8
+    from ddim_fast.train import load_model
+
+    seen = {}
+
+    def stub(model, steps, shape, schedule=None, solver="ipndm", seed=0, model_kwargs=None, **options):
+        seen["shift_last"] = options.get("shift_last")
+        options["info"].update(method="stub", model_timesteps=[21, 150, 400, 777] if options.get("shift_last") else [0, 150, 400, 777])
+        return torch.tensor([0, 150, 400, 777])
+
+    monkeypatch.setattr(tune, "tune_timesteps", stub)
+    out = tmp_path / "steps.json"
+    assert main(["tune", "--ckpt", str(run_dir), "--steps", "4", "--solver", "unipc", "--shift-last", "--out", str(out)]) == 0
+    assert seen["shift_last"] is True and "the model told 21,150,400,777" in capsys.readouterr().out
+    assert json.loads(out.read_text())["model_timesteps"] == [21, 150, 400, 777]
+
+    model, schedule = load_model(str(run_dir))
+    told = []
+    real = FusedSampler
+
+    class Recording(real):
+        def __init__(self, *args, **kwargs):
+            told.append(kwargs.get("model_timesteps"))
+            super().__init__(*args, **kwargs)
+
+    import ddim_fast
+
+    monkeypatch.setattr(ddim_fast, "FusedSampler", Recording)
+    npz = tmp_path / "x.npz"
+    common = ["sample", "--ckpt", str(run_dir), "--n", "2", "--seed", "1", "--precision", "fp32", "--solver", "unipc", "--steps",
+              "4", "--skip", str(out), "--out", str(tmp_path / "g.png")]  # fmt: skip
+    assert main(common) == 0 and main([*common, "--npz", str(npz)]) == 0
+    assert told == [[21, 150, 400, 777]] * 2
+    sampler = real(model, schedule=schedule, skip=[0, 150, 400, 777], solver="unipc", precision="fp32",
+                   model_timesteps=[21, 150, 400, 777])  # fmt: skip
+    np.testing.assert_array_equal(np.load(npz)["arr_0"], to_uint8(sampler.sample(shape=(2, 1, 8, 8), seed=1).clamp(-1, 1)))
+    unshifted = real(model, schedule=schedule, skip=[0, 150, 400, 777], solver="unipc", precision="fp32")
+    assert not torch.equal(sampler.sample(shape=(2, 1, 8, 8), seed=1), unshifted.sample(shape=(2, 1, 8, 8), seed=1))
+
+
 def test_named_timestep_selections_reach_the_sampler(run_dir, tmp_path, capsys):
     for skip in ("karras", "logsnr", "trailing"):
         assert main(["sample", "--ckpt", str(run_dir), "--steps", "5", "--n", "1", "--skip", skip, "--solver", "dpmpp_2m",

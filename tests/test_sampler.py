@@ -518,3 +518,39 @@ def test_strided_float32_output_is_not_rounded_through_low_precision():
     contiguous = FusedSampler(lambda x, t: eps_model(x.float(), t).float(), schedule, **kw).sample(x_T)
     strided = FusedSampler(learned_variance, schedule, **kw).sample(x_T)
     assert torch.equal(strided, contiguous)
+
+
+def test_model_timesteps_tell_the_model_other_timesteps_than_the_solvers():
+    """``model_timesteps`` (paired with the increasing skip timesteps) is what the model is told at
+    each step of sample/decode, what ``return_trajectory`` reports, and part of nothing else: the
+    coefficients stay tau's (a constant model gives the same x_0 whatever it is told), and encode
+    keeps tau."""
+    seen = []
+
+    def model(x, t):
+        seen.append(int(t[0]))
+        return torch.full_like(x, 0.25)
+
+    tau, told = [10, 200, 400, 600, 999], [31, 200, 400, 600, 999]
+    plain = FusedSampler(model, steps=5, skip=tau, solver="unipc", backend="torch")
+    shifted = FusedSampler(model, steps=5, skip=tau, solver="unipc", backend="torch", model_timesteps=told)
+    assert shifted.timesteps.tolist() == tau[::-1] and shifted.model_timesteps.tolist() == told[::-1]
+    assert plain.model_timesteps.tolist() == tau[::-1]
+    x_T = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    a = plain.sample(x_T)
+    seen.clear()
+    traj = shifted.sample(x_T, return_trajectory=True)
+    assert seen == told[::-1] and traj.timesteps.tolist() == told[::-1]
+    torch.testing.assert_close(traj.x0, a, rtol=0, atol=0)
+    seen.clear()
+    shifted.decode(x_T)
+    assert seen == told[::-1]
+    seen.clear()
+    shifted.encode(a)
+    assert seen == tau
+
+
+@pytest.mark.parametrize("bad", [[1, 2], "10,200", [1.5, 2, 3, 4, 5], [0, 0, 0, 0, 1000], [-1, 0, 0, 0, 0], [[1, 2, 3, 4, 5]]])
+def test_bad_model_timesteps_raise_clearly(bad):
+    with pytest.raises(ValueError, match=r"model_timesteps: expected a sequence of 5 integer timesteps in \[0, 1000\)"):
+        FusedSampler(lambda x, t: x, steps=5, skip=[10, 200, 400, 600, 999], model_timesteps=bad)

@@ -440,6 +440,11 @@ def test_tuned_timesteps_file(tmp_path):
         FusedScheduler.from_config(DDIMScheduler(clip_sample=False, beta_schedule="scaled_linear").config, solver="ipndm", skip=str(path))
     with pytest.raises(ValueError, match="clip_sample: the solver 'ipndm' integrates eps"):
         FusedScheduler.from_config(DDIMScheduler(clip_sample=True).config, solver="ipndm").set_timesteps(5)
+    # A file whose last call is told another timestep (tune --shift-last): refused, not run unshifted.
+    tune.save_tuned(path, [3, 80, 250, 600, 999], model=tiny_unet(), schedule=schedule, solver="ipndm", steps=5, info={},
+                    model_timesteps=[9, 80, 250, 600, 999])  # fmt: skip
+    with pytest.raises(ValueError, match="tells the model other timesteps than the solver's"):
+        FusedScheduler.from_config(DDIMScheduler(clip_sample=False).config, solver="ipndm", skip=str(path))
 
 
 def test_step_compiles_fullgraph_and_equals_eager():
