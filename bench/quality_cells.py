@@ -31,7 +31,8 @@ OURS = [(s, k) for s in ("ddim", "dpmpp_2m", "dpmpp_3m", "ipndm", "ipndm_v", "un
 TUNED = ("ipndm", "ipndm_v", "unipc", "dpmpp_3m")
 # spacing name -> tune_timesteps options: the RMS objective (default) and the per-sample log objective
 # (tune._log_rms), whose search takes moves of 16 grid points first and so needs more trials.
-TUNINGS = {"tuned": {}, "tuned_log": dict(loss="log", max_trials=120)}
+TUNINGS = {"tuned": {}, "tuned_log": dict(loss="log", max_trials=120),
+           "tuned_log_shift": dict(loss="log", max_trials=120, shift_last=True)}  # + the last call's model timestep
 DIFFUSERS = [(name, order, spacing) for name in ("dpm", "unipc", "deis") for order in (2, 3)
              for spacing in ("linspace", "trailing", "karras", "lu") if not (spacing == "lu" and name != "dpm")]  # fmt: skip
 
@@ -42,12 +43,14 @@ def mixture(schedule, std, seed=0, K=6, D=8):
     return GaussianMixtureEps(schedule.alphas_cumprod, means, stds=std)
 
 
-def run_ours(model, st, tau, x_T):
+def run_ours(model, st, tau, x_T, model_tau=None):
+    """The float64 reference op along tau; the model told ``model_tau`` (paired with tau) if given."""
     x = x_T.clone()
     R = st.history_slots
     hist = torch.empty((R, *x.shape), dtype=torch.float64) if R else None
     saved = torch.zeros_like(x) if st.uses_saved else None
-    for k, t in enumerate(np.asarray(tau)[::-1].tolist()):
+    told = np.asarray(tau if model_tau is None else model_tau)[::-1].tolist()
+    for k, t in enumerate(told):
         m = model(x, torch.full((x.shape[0],), int(t)))
         out = torch.empty_like(x)
         fused_step(x, m, st.table, k, torch.tensor([0, 0]), 0, 0.0, st.history_kind, hist, saved, None, out, None, None,
@@ -156,8 +159,9 @@ def main(argv=None):
                 tau = tune.tune_timesteps(model, S, (args.tune_batch, 8), schedule, solver, seed=7, progress=False, info=info,
                                           **options)  # fmt: skip
                 tau = tau.numpy()
-                record(key, run_ours(model, solvers.build(solver, schedule, tau), tau, x_T), t0,
-                       dict(tau=tau.tolist(), tune_seconds=info["seconds"], tune_start=info["start"], tune_options=options))  # fmt: skip
+                record(key, run_ours(model, solvers.build(solver, schedule, tau), tau, x_T, info["model_timesteps"]), t0,
+                       dict(tau=tau.tolist(), model_timesteps=info["model_timesteps"], tune_seconds=info["seconds"],
+                            tune_calls=info["model_calls"], tune_start=info["start"], tune_options=options))  # fmt: skip
             for name, order, spacing in DIFFUSERS:
                 key = f"{mname}|diffusers|{name}{order}|{spacing}|S{S}|n{args.n}"
                 if key in cells:

@@ -22,7 +22,9 @@ from ddim_fast.train import load_model
 # The configurations that lead on the mixtures (docs/results/quality.md); the CPU budget of a
 # shared 2-core machine (~3.5 s per call of batch 500) does not fit every cell.
 OURS = [("ipndm", "logsnr"), ("ipndm", "quad"), ("ipndm", "tuned"), ("unipc", "logsnr"), ("unipc", "quad"),
-        ("dpmpp_3m", "logsnr"), ("ipndm_v", "quad"), ("unipc", "tuned"), ("unipc", "tuned_log")]  # fmt: skip
+        ("dpmpp_3m", "logsnr"), ("ipndm_v", "quad"), ("unipc", "tuned"), ("unipc", "tuned_log"),
+        ("unipc", "tuned_shift"), ("ipndm", "tuned_log_shift"), ("unipc", "tuned_log_shift"),
+        ("ipndm", "tuned_shift")]  # fmt: skip  (*_shift: shift_last=True)
 DIFFUSERS = [("dpm", 2, "karras"), ("dpm", 3, "linspace"), ("unipc", 2, "linspace"), ("deis", 3, "linspace")]
 
 
@@ -96,16 +98,19 @@ def main(argv=None):
             if skip == "tuned" and (solver, f"S{S}") in tuned_from:
                 skip_arg = np.array(tuned_from[(solver, f"S{S}")])
                 extra = dict(tuned_from=args.tuned_from)
-            elif skip in ("tuned", "tuned_log"):
+            elif skip in ("tuned", "tuned_log", "tuned_shift", "tuned_log_shift"):
                 info = {}
-                loss = "log" if skip == "tuned_log" else "rms"
+                loss = "log" if "log" in skip else "rms"
                 tau = tune.tune_timesteps(model, S, (args.tune_batch, C, H, W), schedule, solver, seed=1, progress=False, info=info,
-                                          max_trials=args.tune_trials if loss == "rms" else 3 * args.tune_trials, loss=loss)  # fmt: skip
+                                          max_trials=args.tune_trials if loss == "rms" else 3 * args.tune_trials, loss=loss,
+                                          shift_last=skip.endswith("_shift"))  # fmt: skip
                 skip_arg = tau.numpy()
-                extra = dict(tune_seconds=info["seconds"], tune_start=info["start"], tune_calls=info["model_calls"])
+                extra = dict(tune_seconds=info["seconds"], tune_start=info["start"], tune_calls=info["model_calls"],
+                             model_timesteps=info["model_timesteps"])  # fmt: skip
             else:
                 skip_arg = skip
-            s = FusedSampler(model, schedule, steps=S, skip=skip_arg, solver=solver, precision="fp32")
+            told = extra.get("model_timesteps")
+            s = FusedSampler(model, schedule, steps=S, skip=skip_arg, solver=solver, precision="fp32", model_timesteps=told)
             record(key, s.sample, dict(tau=np.sort(s.timesteps.numpy()).tolist(), **extra))
         for name, order, spacing in DIFFUSERS:
             key = f"diffusers|{name}{order}|{spacing}|S{S}|n{args.n}"

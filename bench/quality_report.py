@@ -27,7 +27,7 @@ _DIFFUSERS_NAMES = {"dpm2": "DPMSolverMultistep 2M", "dpm3": "DPMSolverMultistep
                     "unipc3": "UniPCMultistep 3", "deis2": "DEISMultistep 2", "deis3": "DEISMultistep 3"}  # fmt: skip
 
 
-_SPACING_NAMES = {"tuned_log": "tuned (log loss)"}  # bench/quality_cells.py's TUNINGS
+_SPACING_NAMES = {"tuned_log": "tuned (log loss)", "tuned_log_shift": "tuned (log loss, last call shifted)"}  # quality_cells' TUNINGS
 
 
 def pretty(cfg):
@@ -176,6 +176,8 @@ def main(argv=None):
     p.add_argument("--digits", default="docs/results/quality_digits.json")
     p.add_argument("--n", type=int, default=20000)
     p.add_argument("--time-to-quality", default="docs/results/time_to_quality.json")
+    p.add_argument("--notes", default="docs/results/quality_notes.md", help="hand-written sections inserted after the targets")
+    p.add_argument("--digits-notes", default="docs/results/quality_digits_notes.md", help="hand-written, after the digits table")
     p.add_argument("--out", default="docs/results/quality.md")
     args = p.parse_args(argv)
     out = ["# Fewer model calls at the same quality (issue 15)", "",
@@ -187,6 +189,8 @@ def main(argv=None):
     lines, by, mixes = mixture_tables(cells, args.n)
     digits = json.load(open(args.digits)) if os.path.exists(args.digits) else None
     out += verdicts(by, mixes)
+    if os.path.exists(args.notes):  # the hand-written findings, kept across regenerations
+        out += open(args.notes).read().rstrip("\n").split("\n") + [""]
     out += ["## README table", "",
             "Mixture score / DDIM quad S = 20's score (geometric mean over the three mixtures; < 1 is better than "
             "DDIM at S = 20), then the digits Frechet distance where measured (n in the digits section).", ""]
@@ -194,6 +198,8 @@ def main(argv=None):
     out += ["## Mixtures", ""] + lines
     if digits:
         out += ["## Digits", ""] + digits_table(digits)
+    if os.path.exists(args.digits_notes):  # the hand-written n = 10,000 digits cells
+        out += open(args.digits_notes).read().rstrip("\n").split("\n") + [""]
     if os.path.exists(args.time_to_quality):
         out += ["## Time to DDIM S = 50's quality (bench/test_bench_time_to_quality.py)", "",
                 f"`pytest bench/test_bench_time_to_quality.py --benchmark-only --benchmark-json {args.time_to_quality}`: "
