@@ -455,12 +455,23 @@ def train(
         if device.type == "cuda":
             torch.cuda.set_device(device)
 
+    finished = False
     try:
         summary = _train_loop(cfg, meta, tensors, rank, world, device, local_batch, json_path, callback, moved)
+        finished = True
     finally:
         if own_group:  # a group the caller created is the caller's to destroy
             import torch.distributed as dist
 
+            if finished:
+                # The DDP wrapper (its reducer keeps the group and its gloo work alive) is freed now,
+                # not at interpreter exit, and every rank is past its last collective before any
+                # tears the group down: a 2-process CI run once aborted in exit ("terminate called
+                # without an active exception"), where gloo's threads outlived the interpreter.
+                import gc
+
+                gc.collect()
+                dist.barrier()
             dist.destroy_process_group()
     return summary
 
