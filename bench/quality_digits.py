@@ -35,6 +35,7 @@ def main(argv=None):
     p.add_argument("--steps", default="5,6,8,10")
     p.add_argument("--tune-batch", type=int, default=32)
     p.add_argument("--tune-trials", type=int, default=40)
+    p.add_argument("--tune-seed", type=int, default=1, help="the tuning batch's seed (the cells in docs/results: 1)")
     p.add_argument("--out", default="docs/results/quality_digits.json")
     p.add_argument("--only", default=None, help='run only these cells, e.g. "ddim|quad|S20,unipc|quad|S8" (ours)')
     p.add_argument("--tuned-from", default=None, help="reuse the tuned timesteps recorded in this JSON (same solver and S)")
@@ -101,7 +102,8 @@ def main(argv=None):
             elif skip in ("tuned", "tuned_log", "tuned_shift", "tuned_log_shift"):
                 info = {}
                 loss = "log" if "log" in skip else "rms"
-                tau = tune.tune_timesteps(model, S, (args.tune_batch, C, H, W), schedule, solver, seed=1, progress=False, info=info,
+                tau = tune.tune_timesteps(model, S, (args.tune_batch, C, H, W), schedule, solver, seed=args.tune_seed, info=info,
+                                          progress=False,
                                           max_trials=args.tune_trials if loss == "rms" else 3 * args.tune_trials, loss=loss,
                                           shift_last=skip.endswith("_shift"))  # fmt: skip
                 skip_arg = tau.numpy()

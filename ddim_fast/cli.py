@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what is minimised against the reference: the batch's RMS error (default), or 'log', the geometric "
                    "mean of the samples' RMS errors, for data whose fine structure the RMS error misses (tune_timesteps)")
     u.add_argument("--shift-last", action="store_true",
-                   help="also search the timestep the model is told at the last call (LD3's decoupled timestep; ~3-4x the "
+                   help="also search the timestep the model is told at the last call (LD3's decoupled timestep; ~2.5-4x the "
                    "model calls); the file then records it and `sample --skip FILE.json` uses it")
     u.add_argument("--out", required=True, help="the .json file to write")
     u.add_argument("--force", action="store_true", help="replace an existing --out")

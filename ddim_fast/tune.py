@@ -239,7 +239,7 @@ def tune_timesteps(
     the op, ``loss``: what is minimised against the teacher, "rms" (the RMS error over the batch)
     or "log" (the geometric mean of the samples' RMS errors, ``_log_rms``: for data with fine
     structure, docs/results/quality.md). ``shift_last``: search the last call's model timestep
-    too (module docstring, step 4; ~3-4x the model calls); the result, paired with the returned
+    too (module docstring, step 4; ~2.5-4x the model calls); the result, paired with the returned
     timesteps, is ``info["model_timesteps"]``, for ``FusedSampler(model_timesteps=...)``.
     ``info``, when a dict, receives how the tuning went (errors before/after, seconds, model
     calls, the model's timesteps) for ``save_tuned``.
