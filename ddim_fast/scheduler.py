@@ -22,7 +22,9 @@ defaults) lend their noise schedule and spacing only, sampled by ``solver`` (def
 diffusers' own ``X.from_config(other.config)`` swaps do. ``solver=`` picks any ddim_fast solver,
 ``skip=`` any spacing of ``solvers.timesteps``, an explicit increasing sequence, or a tuned
 timestep file (``skip="steps.json"``, read by ``ddim_fast.tune.load_tuned`` and stored in the
-config as the timesteps themselves, so ``save_pretrained`` keeps them).
+config as the timesteps themselves, so ``save_pretrained`` keeps them). A file tuned with
+``shift_last`` also stores ``model_timesteps``: ``timesteps``, which a pipeline calls its UNet
+with, then carry them (the last one shifted), while the coefficients stay the solver's.
 
 eta: ``from_config(eta=x)`` fixes it (pipelines pass ``eta=0.0`` by default, which would otherwise
 undo it); with ``eta=None`` the ``step(eta=...)`` argument decides, and without one the source
@@ -72,7 +74,7 @@ __all__ = ["FusedScheduler", "FusedSchedulerOutput"]
 _SOURCE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
                 "timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range", "set_alpha_to_one", "variance_type",
                 "solver_order", "lower_order_final", "lambda_min_clipped")
-_OURS = ("source_scheduler", "solver", "skip", "eta", "backend")
+_OURS = ("source_scheduler", "solver", "skip", "eta", "backend", "model_timesteps")
 _SEED_HIGH = 2**63 - 1
 
 
@@ -134,25 +136,39 @@ def _source_solver(source: Dict[str, Any]) -> str:
 
 
 def _resolve_skip(skip, schedule: NoiseSchedule, solver: str):
-    """skip as stored in the config: None, a spacing name, or a list of increasing timesteps."""
+    """(skip as stored in the config: None, a spacing name, or a list of increasing timesteps; the
+    model's timesteps of a tuned file that has them (``tune_timesteps(shift_last=True)``), else None)."""
     if skip is None:
-        return None
+        return None, None
+    model_tau = None
     if isinstance(skip, (str, os.PathLike)) and (str(skip).endswith(".json") or os.path.isfile(skip)):
         from ddim_fast import tune
 
-        path = os.fspath(skip)
-        skip, model_tau = tune.load_tuned(path, schedule=schedule, solver=solver, with_model_timesteps=True)
-        if not np.array_equal(skip, model_tau):
-            raise ValueError(f"skip: {path!r} tells the model other timesteps than the solver's (tuned with --shift-last), and "
-                             "FusedScheduler runs the pipeline's UNet at the solver's own timesteps; tune without --shift-last "
-                             "for a pipeline, or sample with FusedSampler(skip=..., model_timesteps=...)")
+        skip, model_tau = tune.load_tuned(os.fspath(skip), schedule=schedule, solver=solver, with_model_timesteps=True)
+        model_tau = None if np.array_equal(skip, model_tau) else model_tau.tolist()
     if isinstance(skip, str):
         names = (*SKIP_TYPES, *solvers.SCHEDULE_SKIPS)
         if skip not in names:
             raise ValueError(f"skip: expected one of {names}, a sequence of timesteps or a tuned-timesteps .json file, got {skip!r}")
-        return skip
+        return skip, None
     tau = np.asarray(skip.cpu() if torch.is_tensor(skip) else skip)
-    return select_timesteps(schedule.T, int(tau.size), tau).tolist()
+    return select_timesteps(schedule.T, int(tau.size), tau).tolist(), model_tau
+
+
+def _check_model_timesteps(model_timesteps, skip, T: int):
+    """``model_timesteps`` (paired with the increasing ``skip`` list) as a list, or None. The pipeline
+    calls its UNet at ``timesteps`` and ``step`` finds the step by value, so they must be distinct."""
+    if model_timesteps is None:
+        return None
+    told = np.asarray(model_timesteps.cpu() if torch.is_tensor(model_timesteps) else model_timesteps)
+    if isinstance(skip, str) or skip is None:
+        raise ValueError("model_timesteps: they pair with explicit timesteps; give skip as a sequence or a tuned .json file")
+    if told.ndim != 1 or len(told) != len(skip) or told.dtype.kind not in "iu" or (told < 0).any() or (told >= T).any():
+        raise ValueError(f"model_timesteps: expected {len(skip)} integer timesteps in [0, {T}), one per skip timestep, "
+                         f"got {told.tolist()!r}")  # fmt: skip
+    if len(set(told.tolist())) != len(told):
+        raise ValueError(f"model_timesteps: expected distinct timesteps (step() finds its step by the timestep), got {told.tolist()}")
+    return [int(t) for t in told]
 
 
 def _fused_config(config, solver=None, skip=None, eta=None) -> Dict[str, Any]:
@@ -182,7 +198,7 @@ def _fused_config(config, solver=None, skip=None, eta=None) -> Dict[str, Any]:
             ours[key] = value
     if skip is not None:
         schedule = NoiseSchedule.from_diffusers({**ours, "_class_name": ours.get("source_scheduler", "DDIMScheduler")})
-        ours["skip"] = _resolve_skip(skip, schedule, ours.get("solver") or _source_solver(_source_of(ours)))
+        ours["skip"], ours["model_timesteps"] = _resolve_skip(skip, schedule, ours.get("solver") or _source_solver(_source_of(ours)))
     return {**ours, "_class_name": "FusedScheduler"}
 
 
@@ -234,7 +250,8 @@ class _Table:
 class _Plan:
     """One set_timesteps: what every step of the trajectory reads."""
 
-    tau_desc: tuple  # host ints, first step first
+    tau_desc: tuple  # host ints, first step first: the solver's timesteps
+    model_desc: tuple  # what the UNet is told at each step (``timesteps``): tau_desc unless model_timesteps
     solver: str
     prediction: int
     clip: float
@@ -277,6 +294,7 @@ class _FusedSchedulerImpl:
         skip: Union[None, str, List[int]] = None,
         eta: Union[None, float, str] = None,
         backend: str = "auto",
+        model_timesteps: Optional[List[int]] = None,
     ):
         source = _source_of(dict(self.config))
         _validate_source(source)
@@ -287,7 +305,11 @@ class _FusedSchedulerImpl:
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend: expected one of {ops.BACKENDS}, got {backend!r}")
         self.schedule = NoiseSchedule.from_diffusers(source)
-        self._skip = _resolve_skip(skip, self.schedule, solver or _source_solver(source))
+        self._skip, from_file = _resolve_skip(skip, self.schedule, solver or _source_solver(source))
+        if from_file is not None and model_timesteps is not None and list(model_timesteps) != from_file:
+            raise ValueError("model_timesteps: given, and different from those of the tuned file passed as skip")
+        self._model_tau = _check_model_timesteps(from_file if from_file is not None else model_timesteps, self._skip,
+                                                 self.schedule.T)
         self._source = source
         self._fixed_eta = eta
         self._default_eta = compat.default_eta(source) if eta is None else eta
@@ -363,8 +385,12 @@ class _FusedSchedulerImpl:
             desc = solvers.timesteps(self.schedule, S, skip)[::-1]
         solver = self.config.solver or derived.get("solver", "ddim")
         clip = float(derived.get("clip_x0", 0.0))
+        model_desc = tuple(int(t) for t in desc)
+        if timesteps is None and self._model_tau is not None:  # the configured skip list, paired with them
+            model_desc = tuple(self._model_tau[::-1])
         self._plan = _Plan(
             tau_desc=tuple(int(t) for t in desc),
+            model_desc=model_desc,
             solver=solver,
             prediction=layout.PREDICTIONS[derived["prediction"]],
             clip=clip,
@@ -375,7 +401,7 @@ class _FusedSchedulerImpl:
         self._tables: Dict[tuple, tuple] = {}
         self._reset()
         self.num_inference_steps = len(desc)
-        self.timesteps = torch.tensor(self._plan.tau_desc, dtype=torch.int64, device=self._plan.device)
+        self.timesteps = torch.tensor(self._plan.model_desc, dtype=torch.int64, device=self._plan.device)
         self._select_table(self._default_eta, self._plan.rederive)  # built before the loop, on the device
         if generator is not None:
             self._draw_seed(generator, self._plan.device)
@@ -468,9 +494,9 @@ class _FusedSchedulerImpl:
             value = int(timestep)
         else:
             raise ValueError(f"timestep: expected an int or a one-element tensor, got {type(timestep).__name__}")
-        if value not in self._plan.tau_desc:
-            raise ValueError(f"timestep: {value} is not in the schedule set by set_timesteps ({list(self._plan.tau_desc)})")
-        return self._plan.tau_desc.index(value)
+        if value not in self._plan.model_desc:
+            raise ValueError(f"timestep: {value} is not in the schedule set by set_timesteps ({list(self._plan.model_desc)})")
+        return self._plan.model_desc.index(value)
 
     def _start(self, timestep) -> int:
         """The first step of a trajectory: its index (begin_index, else found from the timestep)."""
@@ -482,7 +508,7 @@ class _FusedSchedulerImpl:
                 self._row0 = k
                 self._active = None
         elif found is not None and found != k:
-            raise ValueError(f"timestep: expected {self._plan.tau_desc[k]} (begin_index {k}), got {self._plan.tau_desc[found]}")
+            raise ValueError(f"timestep: expected {self._plan.model_desc[k]} (begin_index {k}), got {self._plan.model_desc[found]}")
         return k
 
     def step(
@@ -516,8 +542,8 @@ class _FusedSchedulerImpl:
             found = self._index_of(timestep)
             if found is not None and found != k:
                 raise ValueError(
-                    f"timestep: expected {plan.tau_desc[k]} at step {k} (the scheduler advances one step per call; "
-                    f"set_timesteps restarts it), got {plan.tau_desc[found]}"
+                    f"timestep: expected {plan.model_desc[k]} at step {k} (the scheduler advances one step per call; "
+                    f"set_timesteps restarts it), got {plan.model_desc[found]}"
                 )
         want_eta = self._fixed_eta if self._fixed_eta is not None else (eta if eta is not None else self._default_eta)
         rederive = plan.rederive or bool(use_clipped_model_output and plan.clip > 0)

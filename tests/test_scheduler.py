@@ -440,11 +440,54 @@ def test_tuned_timesteps_file(tmp_path):
         FusedScheduler.from_config(DDIMScheduler(clip_sample=False, beta_schedule="scaled_linear").config, solver="ipndm", skip=str(path))
     with pytest.raises(ValueError, match="clip_sample: the solver 'ipndm' integrates eps"):
         FusedScheduler.from_config(DDIMScheduler(clip_sample=True).config, solver="ipndm").set_timesteps(5)
-    # A file whose last call is told another timestep (tune --shift-last): refused, not run unshifted.
-    tune.save_tuned(path, [3, 80, 250, 600, 999], model=tiny_unet(), schedule=schedule, solver="ipndm", steps=5, info={},
-                    model_timesteps=[9, 80, 250, 600, 999])  # fmt: skip
-    with pytest.raises(ValueError, match="tells the model other timesteps than the solver's"):
-        FusedScheduler.from_config(DDIMScheduler(clip_sample=False).config, solver="ipndm", skip=str(path))
+
+
+def test_tuned_file_with_model_timesteps_runs_the_pipeline_unet_at_them(tmp_path):
+    """A file tuned with shift_last: ``timesteps`` (what a pipeline calls its UNet with) carries the
+    shifted last timestep, the coefficients stay the solver's, save_pretrained keeps both, and the
+    loop equals FusedSampler(model_timesteps=...)."""
+    from ddim_fast import tune
+
+    cfg = DDIMScheduler(clip_sample=False).config
+    schedule = NoiseSchedule.from_diffusers(cfg)
+    unet = tiny_unet()
+    path = tmp_path / "steps.json"
+    tau, told = [3, 80, 250, 600, 999], [9, 80, 250, 600, 999]
+    tune.save_tuned(path, tau, model=unet, schedule=schedule, solver="unipc", steps=5, info={}, model_timesteps=told)
+    sched = FusedScheduler.from_config(cfg, solver="unipc", skip=str(path))
+    assert sched.config.skip == tau and sched.config.model_timesteps == told
+    sched.set_timesteps(5)
+    assert sched.timesteps.tolist() == told[::-1]
+    seen = []
+
+    def model(x, t):
+        seen.append(int(t))
+        return unet(x, t)
+
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = loop(sched, model, x_T.clone())
+    assert seen == told[::-1]
+    sampler = FusedSampler.from_diffusers(unet, cfg, steps=5, solver="unipc", skip=tau, model_timesteps=told, precision="fp32")
+    expected = sampler.sample(x_T)
+    assert_close(ours, expected, atol=1e-5 * max(1.0, expected.abs().max().item()), what="shifted last call")
+    unshifted = FusedSampler.from_diffusers(unet, cfg, steps=5, solver="unipc", skip=tau, precision="fp32").sample(x_T)
+    assert not torch.equal(ours, unshifted)  # the tiny UNet's time embedding moves it only a little
+    again = FusedScheduler.from_config(sched.config)  # what save_pretrained / from_pretrained round-trip
+    again.set_timesteps(5)
+    assert again.timesteps.tolist() == told[::-1]
+    # explicit timesteps= replace the configured ones, and with them the pairing
+    again.set_timesteps(timesteps=[999, 600, 250, 80, 3])
+    assert again.timesteps.tolist() == [999, 600, 250, 80, 3]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(skip=[3, 80, 250], model_timesteps=[9, 80]), "model_timesteps: expected 3 integer timesteps"),
+    (dict(skip=[3, 80, 250], model_timesteps=[80, 80, 250]), "model_timesteps: expected distinct timesteps"),
+    (dict(skip="logsnr", model_timesteps=[9, 80, 250]), "model_timesteps: they pair with explicit timesteps"),
+])  # fmt: skip
+def test_bad_model_timesteps_in_the_scheduler(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FusedScheduler(**kwargs)
 
 
 def test_step_compiles_fullgraph_and_equals_eager():
