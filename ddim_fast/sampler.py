@@ -100,7 +100,7 @@ class FusedSampler:
         self.skip = skip
         self._tau = np.ascontiguousarray(solvers.timesteps(schedule, steps, skip), dtype=np.int64)
         self.steps = steps
-        self._model_tau = _check_model_timesteps(model_timesteps, self._tau, schedule.T)
+        self._model_tau = solvers.model_timesteps(model_timesteps, self._tau, schedule.T)
         # sample and decode run the solver (decode with eta = 0); encode is DDIM inversion whatever the solver.
         self._tables = {
             "sample": solvers.build(solver, schedule, self._tau, eta),
@@ -434,22 +434,6 @@ def _check_conversion(kind: str, table: solvers.SolverTable, prediction: str, ta
             f"schedule: alphas_cumprod = {a:.3g} at timestep {int(t[k]) if kind != 'encode' or k == 0 else int(t[k - 1])} "
             f"leaves the {prediction} model's conversion undefined in float32; use betas inside (0, 1) with margin"
         )
-
-
-def _check_model_timesteps(model_timesteps, tau: np.ndarray, T: int) -> np.ndarray:
-    """``model_timesteps`` as int64 paired with the increasing tau (None: tau itself)."""
-    if model_timesteps is None:
-        return tau
-    what = f"a sequence of {len(tau)} integer timesteps in [0, {T}), one per step, paired with the increasing skip timesteps"
-    if isinstance(model_timesteps, (str, bytes)):
-        raise ValueError(f"model_timesteps: expected {what}, got {model_timesteps!r}")
-    try:
-        arr = np.asarray(torch.as_tensor(model_timesteps).cpu()) if torch.is_tensor(model_timesteps) else np.asarray(model_timesteps)
-    except Exception:  # noqa: BLE001 - anything that is not an array of numbers
-        raise ValueError(f"model_timesteps: expected {what}, got {model_timesteps!r}") from None
-    if arr.ndim != 1 or len(arr) != len(tau) or arr.dtype.kind not in "iu" or (arr < 0).any() or (arr >= T).any():
-        raise ValueError(f"model_timesteps: expected {what}, got {np.asarray(arr).tolist()!r}")
-    return np.ascontiguousarray(arr, dtype=np.int64)
 
 
 def _check_kwargs(kwargs, name: str) -> Dict[str, Any]:

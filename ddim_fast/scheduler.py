@@ -160,12 +160,9 @@ def _check_model_timesteps(model_timesteps, skip, T: int):
     calls its UNet at ``timesteps`` and ``step`` finds the step by value, so they must be distinct."""
     if model_timesteps is None:
         return None
-    told = np.asarray(model_timesteps.cpu() if torch.is_tensor(model_timesteps) else model_timesteps)
     if isinstance(skip, str) or skip is None:
         raise ValueError("model_timesteps: they pair with explicit timesteps; give skip as a sequence or a tuned .json file")
-    if told.ndim != 1 or len(told) != len(skip) or told.dtype.kind not in "iu" or (told < 0).any() or (told >= T).any():
-        raise ValueError(f"model_timesteps: expected {len(skip)} integer timesteps in [0, {T}), one per skip timestep, "
-                         f"got {told.tolist()!r}")  # fmt: skip
+    told = solvers.model_timesteps(model_timesteps, skip, T)
     if len(set(told.tolist())) != len(told):
         raise ValueError(f"model_timesteps: expected distinct timesteps (step() finds its step by the timestep), got {told.tolist()}")
     return [int(t) for t in told]

@@ -68,6 +68,7 @@ __all__ = [
     "step_orders",
     "logsnr_timesteps",
     "timesteps",
+    "model_timesteps",
 ]
 
 
@@ -528,6 +529,24 @@ def timesteps(schedule: NoiseSchedule, steps: int, skip="uniform") -> np.ndarray
     if isinstance(skip, str) and skip in SCHEDULE_SKIPS:
         return SCHEDULE_SKIPS[skip](schedule, steps)
     return select_timesteps(schedule.T, steps, skip)
+
+
+def model_timesteps(given, tau, T: int) -> np.ndarray:
+    """``FusedSampler(model_timesteps=...)`` and its twins: int64 timesteps the model is told, one per
+    step, paired with the increasing ``tau`` (``given`` None: tau itself); a clear error otherwise."""
+    tau = np.asarray(tau, dtype=np.int64)
+    if given is None:
+        return tau
+    what = f"a sequence of {len(tau)} integer timesteps in [0, {T}), one per step, paired with the increasing skip timesteps"
+    if isinstance(given, (str, bytes)):
+        raise ValueError(f"model_timesteps: expected {what}, got {given!r}")
+    try:
+        arr = np.asarray(given.detach().cpu()) if torch.is_tensor(given) else np.asarray(given)
+    except Exception:  # noqa: BLE001 - anything that is not an array of numbers
+        raise ValueError(f"model_timesteps: expected {what}, got {given!r}") from None
+    if arr.ndim != 1 or len(arr) != len(tau) or arr.dtype.kind not in "iu" or (arr < 0).any() or (arr >= T).any():
+        raise ValueError(f"model_timesteps: expected {what}, got {arr.tolist()!r}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
 
 
 # Spacings that need the schedule (select_timesteps knows only T).

@@ -434,13 +434,9 @@ def save_tuned(path, timesteps, *, model, schedule: NoiseSchedule, solver: str, 
         raise ValueError(f"timesteps: expected {steps} increasing timesteps in [0, {schedule.T}), got {tau.tolist()}")
     if solver not in solvers.BUILDERS:
         raise ValueError(f"solver: expected one of {solvers.SOLVERS}, got {solver!r}")
-    model_tau = None
-    if model_timesteps is not None:
-        model_tau = np.asarray(torch.as_tensor(model_timesteps).cpu(), dtype=np.int64)
-        if model_tau.shape != tau.shape or (model_tau < 0).any() or (model_tau >= schedule.T).any():
-            raise ValueError(f"model_timesteps: expected {steps} timesteps in [0, {schedule.T}), got {model_tau.tolist()}")
-        if np.array_equal(model_tau, tau):
-            model_tau = None
+    model_tau = solvers.model_timesteps(model_timesteps, tau, schedule.T)
+    if np.array_equal(model_tau, tau):
+        model_tau = None
     record = {
         "format": FORMAT if model_tau is None else FORMAT_MODEL_TIMESTEPS,
         "model": model_fingerprint(model),

@@ -481,7 +481,7 @@ def test_tuned_file_with_model_timesteps_runs_the_pipeline_unet_at_them(tmp_path
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(skip=[3, 80, 250], model_timesteps=[9, 80]), "model_timesteps: expected 3 integer timesteps"),
+    (dict(skip=[3, 80, 250], model_timesteps=[9, 80]), r"model_timesteps: expected a sequence of 3 integer timesteps in \[0, 1000\)"),
     (dict(skip=[3, 80, 250], model_timesteps=[80, 80, 250]), "model_timesteps: expected distinct timesteps"),
     (dict(skip="logsnr", model_timesteps=[9, 80, 250]), "model_timesteps: they pair with explicit timesteps"),
 ])  # fmt: skip

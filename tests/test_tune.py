@@ -328,7 +328,7 @@ def test_model_timesteps_are_saved_in_format_2(tmp_path, tiny_models):
     assert json.loads(path.read_text())["format"] == tune.FORMAT
     tau, told = tune.load_tuned(path, with_model_timesteps=True)
     assert told.tolist() == tau.tolist()
-    with pytest.raises(ValueError, match="model_timesteps: expected 4 timesteps in"):
+    with pytest.raises(ValueError, match=r"model_timesteps: expected a sequence of 4 integer timesteps in \[0, 1000\)"):
         tune.save_tuned(path, [3, 80, 400, 999], model=model, schedule=schedule, solver="unipc", steps=4, info={},
                         model_timesteps=[1000, 80, 400, 999])  # fmt: skip
     record.update(model_timesteps=[9, 80])
